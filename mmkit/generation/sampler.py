@@ -1,0 +1,444 @@
+"""The one sampling core for every mmkit family (fast path; no transformers `generate`).
+
+Written against the fast-generation contract (docs/design.md): the model preallocates a
+static KV cache (`make_cache`) and takes `position_ids`, `attention_mask`, `cache`,
+`cache_position` in forward. Why hand-written: transformers' generate spends most of a
+small model's decode step in Python (processor lists, dynamic cache, mask rebuilding).
+Here everything that does not change per token is built once before the loop:
+
+- the KV cache and the (B, T_max) attention mask (left padding = 0);
+- the token constraints as a small table of additive bias rows (text / text-without-boi /
+  image-code / forced token); one `index_select` + `add_` per step applies the image-span
+  state machine to every row at once;
+- per-request random numbers: each row draws its uniforms for all steps from its own seed
+  up front, and tokens are sampled by inverse CDF, so a row's samples do not depend on
+  which other rows share its batch (batched == unbatched, seeds reproducible).
+
+Image spans (Chameleon family): after begin-of-image (boi) only image codes are allowed,
+plus forced size tokens right after boi and an end-of-row token after every row where the
+model uses them (Lumina-mGPT / Emu3 layout); after exactly h x w codes end-of-image (eoi)
+is forced; boi is refused when the remaining budget cannot hold a whole span.
+Classifier-free guidance batches the conditional and unconditional streams in one forward
+(rows [0, B) and [B, 2B)); both streams are fed the conditional stream's token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from mmkit.errors import UsageError
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingParams:
+    """How one kind of token (text or image code) is chosen. Greedy unless do_sample."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off (CTRL / transformers semantics)
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise UsageError(f"temperature must be > 0 (got {self.temperature}); use do_sample=False for greedy")
+        if self.top_k < 0:
+            raise UsageError(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.repetition_penalty <= 0:
+            raise UsageError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+
+
+# Defaults for image spans: sample with temperature 1 and a large top-k (Lumina-mGPT 2000,
+# Emu3 2048; see docs/generation.md).
+IMAGE_SAMPLING = SamplingParams(do_sample=True, temperature=1.0, top_k=2048)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Token layout of one generated image span: boi [h-token w-token] (w codes [eor]) * h eoi."""
+
+    h: int
+    w: int
+    boi: int
+    eoi: int
+    code_offset: int
+    num_codes: int
+    eor: int | None = None  # end-of-row token after each row (None = fixed-size model)
+    size_offset: int | None = None  # size token of n = size_offset + n, right after boi
+
+    def template(self) -> list[int]:
+        """Tokens after boi, -1 standing for 'any image code'; the last one is eoi."""
+        t = [] if self.size_offset is None else [self.size_offset + self.h, self.size_offset + self.w]
+        row = [-1] * self.w + ([] if self.eor is None else [self.eor])
+        return t + row * self.h + [self.eoi]
+
+    @property
+    def span_len(self) -> int:
+        """Tokens after boi up to and including eoi."""
+        return len(self.template())
+
+    def codes_from_span(self, tokens: Sequence[int]) -> torch.Tensor:
+        """The tokens after boi (at least up to the last code) -> codes (h, w) long."""
+        tmpl = self.template()
+        toks = list(tokens)[: len(tmpl) - 1]
+        if len(toks) < len(tmpl) - 1:
+            raise ValueError(f"image span truncated: {len(toks)} of {len(tmpl) - 1} tokens")
+        codes = [t - self.code_offset for t, k in zip(toks, tmpl) if k == -1]
+        out = torch.tensor(codes, dtype=torch.long)
+        if ((out < 0) | (out >= self.num_codes)).any():
+            raise ValueError("image span contains a token that is not an image code")
+        return out.view(self.h, self.w)
+
+
+def image_layout_from_config(config, h: int | None = None, w: int | None = None) -> ImageLayout | None:
+    """The model config's image layout (Chameleon family), or None for text-only families."""
+    boi, eoi = getattr(config, "boi_token_id", None), getattr(config, "eoi_token_id", None)
+    offset, n = getattr(config, "image_token_offset", None), getattr(config, "num_image_tokens", None)
+    if boi is None or eoi is None or offset is None or not n:
+        return None
+    h = h or getattr(config, "image_grid_h", None) or 32
+    w = w or getattr(config, "image_grid_w", None) or h
+    size_offset = getattr(config, "size_token_offset", None)
+    max_grid = getattr(config, "max_grid_size", 0) or 0
+    if size_offset is not None and max_grid and max(h, w) > max_grid:
+        raise UsageError(f"image grid {h}x{w} exceeds the model's max_grid_size {max_grid}")
+    return ImageLayout(h=h, w=w, boi=boi, eoi=eoi, code_offset=offset, num_codes=n,
+                       eor=getattr(config, "eor_token_id", None), size_offset=size_offset)
+
+
+def image_code_mask(config, vocab_size: int, device=None) -> torch.Tensor | None:
+    """Bool (V,) of image-code ids (what transformers masks for Chameleon), or None."""
+    offset, n = getattr(config, "image_token_offset", None), getattr(config, "num_image_tokens", None)
+    if offset is None or not n:
+        return None
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[offset:offset + n] = True
+    return mask
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    if isinstance(x, int):
+        return [x]
+    return [int(v) for v in x]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids, attention_mask) (B, T), left padded (0 = padding)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _uniforms(seeds: list[int | None], n: int, device) -> torch.Tensor:
+    """(B, n) uniforms in [0, 1): row i from its own generator (seed None = global RNG)."""
+    rows = []
+    for s in seeds:
+        g = None
+        if s is not None:
+            g = torch.Generator().manual_seed(int(s))
+        rows.append(torch.rand(n, generator=g, dtype=torch.float64))
+    return torch.stack(rows).to(device=device, dtype=torch.float32) if rows else torch.empty(0, n)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor on a (B, V) seen-mask instead of ids."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample_tokens(logits: torch.Tensor, p: SamplingParams, u: torch.Tensor | None,
+                  seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) fp32 logits (constraints already applied) -> (B,) token ids."""
+    if p.repetition_penalty != 1.0 and seen is not None:
+        logits = _apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    if not p.do_sample:
+        return logits.argmax(-1)
+    if p.temperature != 1.0:
+        logits = logits / p.temperature
+    V = logits.shape[-1]
+    if p.top_k or p.top_p < 1.0:
+        k = min(p.top_k or V, V)
+        vals, idx = logits.topk(k, dim=-1)  # sorted, descending
+        probs = vals.softmax(-1)
+        if p.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
+            before = probs.cumsum(-1) - probs
+            probs = probs.masked_fill(before >= p.top_p, 0.0)
+    else:
+        idx, probs = None, logits.softmax(-1)
+    cdf = probs.cumsum(-1)  # (B, K)
+    # scaling u by the total keeps rounding from ever selecting a zero-probability tail
+    j = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=cdf.shape[-1] - 1)
+    return j.squeeze(1) if idx is None else idx.gather(1, j).squeeze(1)
+
+
+class _Constraints:
+    """Per-row token constraints as an additive bias table, indexed by each row's state.
+
+    Classes: 0 text, 1 text with boi refused, 2 image code, 3.. one forced token each.
+    `span_pos` (B,) is -1 outside an image span, else the number of tokens after boi so far.
+    """
+
+    TEXT, TEXT_NO_BOI, CODE = 0, 1, 2
+
+    def __init__(self, layout: ImageLayout, vocab_size: int, device, extra_suppress: list[int]):
+        tmpl = layout.template()
+        forced = sorted({t for t in tmpl if t != -1})
+        V = vocab_size
+        table = torch.zeros(3 + len(forced), V)
+        codes = slice(layout.code_offset, layout.code_offset + layout.num_codes)
+        # outside a span: no image codes, no span-internal tokens
+        table[self.TEXT, codes] = NEG_INF
+        for t in forced + extra_suppress:
+            table[self.TEXT, t] = NEG_INF
+        table[self.TEXT_NO_BOI] = table[self.TEXT]
+        table[self.TEXT_NO_BOI, layout.boi] = NEG_INF
+        table[self.CODE] = NEG_INF
+        table[self.CODE, codes] = 0.0
+        for i, t in enumerate(forced):
+            table[3 + i] = NEG_INF
+            table[3 + i, t] = 0.0
+        cls = [self.CODE if t == -1 else 3 + forced.index(t) for t in tmpl]
+        self.table = table.to(device)
+        self.template_cls = torch.tensor(cls, dtype=torch.long, device=device)
+        self.span_len = len(tmpl)
+        self.boi = layout.boi
+
+    def apply(self, logits: torch.Tensor, span_pos: torch.Tensor, text_cls: int) -> torch.Tensor:
+        cls = torch.where(span_pos >= 0, self.template_cls[span_pos.clamp(min=0)], text_cls)
+        return logits.add_(self.table.index_select(0, cls))
+
+    def advance(self, span_pos: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        opened = torch.where(tok == self.boi, 0, -1)
+        nxt = torch.where(span_pos >= 0, span_pos + 1, opened)
+        return nxt.masked_fill_(nxt >= self.span_len, -1)
+
+
+def _forward_params(model) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | Sequence[int] | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    mode: str = "text",
+    image_sampling: SamplingParams | dict | None = None,
+    image_size: tuple[int, int] | None = None,
+    cfg_scale: float = 1.0,
+    uncond_input_ids: torch.Tensor | None = None,
+    uncond_attention_mask: torch.Tensor | None = None,
+    suppress_tokens: Sequence[int] | None = None,
+    prefill_kwargs: dict[str, Any] | None = None,
+    cache_dtype: torch.dtype | None = None,
+    progress: bool | Any = False,
+) -> torch.Tensor:
+    """Generate up to `max_new_tokens` per row; returns the new ids (B, <= max_new_tokens).
+
+    input_ids (B, T), left padded with `attention_mask` (B, T) (0 = padding) for batches
+    of unequal prompts. Rows stop at eos (kept in the output, like transformers) or any of
+    `stop_token_ids`; finished rows are filled with pad; the loop ends when all rows stop.
+
+    mode:
+      "text"        image-code ids are never emitted (transformers' Chameleon behaviour;
+                    greedy equals transformers' greedy on the same weights);
+      "interleaved" text, and image spans under the span state machine (see module doc);
+      "image"       the prompt ends with boi; one image span, then stop at eoi.
+    image_sampling: SamplingParams for tokens inside image spans (default: IMAGE_SAMPLING
+      for "image", the text settings for "interleaved" unless given).
+    cfg_scale != 1 (mode "image"): classifier-free guidance against `uncond_input_ids`
+      (B, T_u) (+ mask), batched with the conditional rows: l = c + (s - 1) (c - u).
+    seed: one int (row i uses seed + i) or one per row; None = torch's global RNG.
+    prefill_kwargs: extra forward kwargs for the prompt pass only (e.g. pixel_values).
+    progress: True or a tqdm instance to show a progress bar.
+    """
+    cfg = model.config
+    if input_ids.dim() != 2:
+        raise UsageError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if mode not in ("text", "interleaved", "image"):
+        raise UsageError(f"mode must be text, interleaved or image (got {mode!r})")
+    device = input_ids.device
+    B, T = input_ids.shape
+    text_params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
+    layout = None
+    if mode != "text":
+        layout = image_layout_from_config(cfg, *(image_size or (None, None)))
+        if layout is None:
+            raise UsageError(f"mode {mode!r} needs a model with image tokens (boi/eoi/image codes in its config)")
+    if image_sampling is None:
+        img_params = IMAGE_SAMPLING if mode == "image" else text_params
+    elif isinstance(image_sampling, dict):
+        img_params = SamplingParams(**image_sampling)
+    else:
+        img_params = image_sampling
+    use_cfg = cfg_scale != 1.0
+    if use_cfg and (mode != "image" or uncond_input_ids is None):
+        raise UsageError("cfg_scale != 1 needs mode='image' and uncond_input_ids")
+
+    eos = _as_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    stops = eos + _as_list(stop_token_ids)
+    if mode == "image":
+        stops.append(layout.eoi)
+    pad = pad_token_id if pad_token_id is not None else getattr(cfg, "pad_token_id", None)
+    pad = (eos[0] if eos else 0) if pad is None else pad
+
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    budget = max_new_tokens
+    if max_pos:  # never run positions past the model's context
+        budget = min(budget, max_pos - int(attention_mask.sum(-1).max()))
+    out = torch.full((B, max(budget, 0)), pad, dtype=torch.long, device=device)
+    if budget <= 0:
+        return out
+
+    # -- batch rows: [cond (B); uncond (B)] with CFG ---------------------------------
+    ids, mask = input_ids, attention_mask
+    if use_cfg:
+        u_ids = uncond_input_ids.to(device)
+        u_mask = torch.ones_like(u_ids) if uncond_attention_mask is None else uncond_attention_mask.to(device).long()
+        if u_ids.shape[0] == 1 and B > 1:
+            u_ids, u_mask = u_ids.expand(B, -1), u_mask.expand(B, -1)
+        Tm = max(T, u_ids.shape[1])
+        ids = torch.full((2 * B, Tm), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((2 * B, Tm), dtype=torch.long, device=device)
+        ids[:B, Tm - T:], mask[:B, Tm - T:] = input_ids, attention_mask
+        ids[B:, Tm - u_ids.shape[1]:], mask[B:, Tm - u_ids.shape[1]:] = u_ids, u_mask
+    R, T0 = ids.shape
+    max_len = T0 + budget
+    dtype = cache_dtype or next(model.parameters()).dtype
+    cache = model.make_cache(R, max_len, dtype, device)
+    full_mask = torch.ones((R, max_len), dtype=torch.long, device=device)
+    full_mask[:, :T0] = mask
+    padded = not bool(mask.all())
+    if hasattr(cache, "attention_mask"):
+        cache.attention_mask = full_mask if padded else None
+    pos = (mask.cumsum(-1) - 1).clamp_(min=0)  # (R, T0)
+    next_pos = mask.sum(-1, keepdim=True)  # (R, 1) position of the first new token
+    fwd = _forward_params(model)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in fwd else {}
+
+    # -- constraints, penalties, randomness (all built once) --------------------------
+    V = None
+    constraints = None
+    text_mask = None
+    suppress = _as_list(suppress_tokens)
+    cutoff = budget  # steps at which boi is still allowed: step < cutoff
+    span_pos = None
+    if layout is not None:
+        cutoff = budget - (1 + layout.span_len) + 1
+    rep = text_params.repetition_penalty != 1.0 or img_params.repetition_penalty != 1.0
+    need_u = text_params.do_sample or (layout is not None and img_params.do_sample)
+    if need_u:
+        seeds = [None] * B if seed is None else (
+            [int(seed) + i for i in range(B)] if isinstance(seed, int) else [int(s) for s in seed])
+        if len(seeds) != B:
+            raise UsageError(f"got {len(seeds)} seeds for {B} prompts")
+        uni = _uniforms(seeds, budget, device)  # (B, budget)
+
+    # -- prefill -----------------------------------------------------------------------
+    logits = model(ids, position_ids=pos, attention_mask=full_mask[:, :T0] if padded else None,
+                   cache=cache, cache_position=0, **extra, **(prefill_kwargs or {})).logits[:, -1]
+    V = logits.shape[-1]
+    if layout is not None:
+        constraints = _Constraints(layout, V, device, suppress)
+        last = ids[:B, -1]
+        span_pos = torch.where(last == layout.boi, 0, -1)
+    else:
+        text_mask = image_code_mask(cfg, V, device) if mode == "text" else None
+        if suppress:
+            text_mask = torch.zeros(V, dtype=torch.bool, device=device) if text_mask is None else text_mask
+            text_mask[suppress] = True
+    seen = None
+    if rep:
+        seen = torch.zeros((B, V), dtype=torch.long, device=device)
+        seen.scatter_add_(1, input_ids, attention_mask)
+        seen = seen > 0
+    same_params = img_params == text_params or layout is None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_t = torch.tensor(stops or [-1], dtype=torch.long, device=device)
+    bar = _progress(progress, budget)
+
+    n = 0
+    for step in range(budget):
+        lg = logits.float()
+        if use_cfg:  # guidance on raw logits; scale 1 leaves c untouched bit for bit
+            c, u = lg[:B], lg[B:]
+            lg = c + (cfg_scale - 1.0) * (c - u)
+        if constraints is not None:
+            lg = constraints.apply(lg, span_pos, constraints.TEXT if step < cutoff else constraints.TEXT_NO_BOI)
+        elif text_mask is not None:
+            lg = lg.masked_fill_(text_mask, NEG_INF)
+        u_step = uni[:, step] if need_u else None
+        if same_params:
+            tok = sample_tokens(lg, img_params if mode == "image" else text_params, u_step, seen)
+        else:
+            t_txt = sample_tokens(lg, text_params, u_step, seen)
+            t_img = sample_tokens(lg, img_params, u_step, seen)
+            tok = torch.where(span_pos >= 0, t_img, t_txt)
+        out[:, step] = tok.masked_fill(done, pad)
+        n = step + 1
+        done |= (tok.unsqueeze(1) == stop_t).any(1)
+        if bar is not None:
+            bar.update(1)
+        if n == budget or bool(done.all()):
+            break
+        if constraints is not None:
+            span_pos = constraints.advance(span_pos, tok)
+        if seen is not None:
+            seen.scatter_(1, tok.unsqueeze(1), True)
+        inp = (tok.repeat(2) if use_cfg else tok).unsqueeze(1)  # (R, 1)
+        S = T0 + step + 1
+        logits = model(inp, position_ids=next_pos, attention_mask=full_mask[:, :S] if padded else None,
+                       cache=cache, cache_position=T0 + step, **extra).logits[:, -1]
+        next_pos = next_pos + 1
+    if bar is not None and bar is not progress:
+        bar.close()
+    return out[:, :n]
+
+
+def _progress(progress, total):
+    if progress is False or progress is None:
+        return None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit="tok", leave=False)
+    return progress
+
+
+def params_from(**kw) -> SamplingParams:
+    """SamplingParams from keyword arguments, ignoring None values (CLI helper)."""
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    return SamplingParams(**{k: v for k, v in kw.items() if k in fields and v is not None})

@@ -1,0 +1,323 @@
+"""Chameleon-style early-fusion decoder: one transformer over text tokens and VQ image codes.
+
+Plain PyTorch inside a `PreTrainedModel` shell (save_pretrained / from_pretrained / Auto
+classes / PEFT). Architecture as Chameleon (Meta `inference/transformer.py`, HF
+`modeling_chameleon.py`): RMSNorm in fp32, SwiGLU, rotate-half RoPE, QK-norm (LayerNorm over
+head_dim with per-head affine, before RoPE), optional swin-norm ordering, GQA, z-loss.
+
+Differences from transformers' class, on purpose:
+- logits cover image codes (HF sets them to -inf, which makes image generation and image
+  training impossible);
+- fused `wqkv` and `w13` projections (one matmul each instead of three / two);
+- `doc_ids` document masking for packed sequences (positions restart per document);
+- a static KV cache (`make_cache`) and an int `cache_position` for the fast sampler;
+- cross-entropy and z-loss share one logsumexp, and labels are shifted instead of logits
+  (no (B, T-1, V) copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from mmkit.models.chameleon.config import MmkitChameleonConfig
+from mmkit.nn import RMSNorm, StaticKVCache, SwiGLU, rope_cos_sin
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ChameleonOutput(ModelOutput):
+    loss: torch.Tensor | None = None  # ce + z_loss_coef * z
+    logits: torch.Tensor | None = None  # (B, T, V)
+    ce_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None  # mean logsumexp^2 (before the coefficient)
+    hidden_states: torch.Tensor | None = None  # (B, T, D) after the final norm
+
+
+class HeadwiseLayerNorm(nn.Module):
+    """QK-norm: statistics over head_dim only, then a separate affine per head.
+
+    Weight/bias (H, hd): Chameleon was trained with one affine per model-parallel shard and
+    no cross-shard reduction, so heads do not share gamma/beta (see load.py for the
+    [model_parallel_size, hd] layout of Lumina-mGPT checkpoints).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps  # HF hard-codes 1e-5 regardless of rms_norm_eps
+        self.weight = nn.Parameter(torch.ones(num_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, hd)
+        x = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+        return x * self.weight + self.bias
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MmkitChameleonConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.attention_dropout = cfg.attention_dropout
+        self.wqkv = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = HeadwiseLayerNorm(self.n_heads, self.head_dim)
+            self.k_norm = HeadwiseLayerNorm(self.n_kv_heads, self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, is_causal, cache, cache_position):
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q, k, v = q.view(B, T, H, hd), k.view(B, T, Hkv, hd), v.view(B, T, Hkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k.to(cache.k.dtype), v.to(cache.v.dtype), cache_position)
+            q = q.to(k.dtype)
+        elif k.dtype != v.dtype:  # autocast: LayerNorm/rope ran in fp32, v is low precision
+            q, k = q.to(v.dtype), k.to(v.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.attention_dropout if self.training else 0.0, enable_gqa=H != Hkv,
+        )  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MmkitChameleonConfig, layer_idx: int):
+        super().__init__()
+        self.swin_norm = cfg.swin_norm
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x, cos, sin, mask, is_causal, cache, cache_position):  # (B, T, D)
+        if self.swin_norm:  # norm the branch output, inside the residual (Chameleon-34B)
+            h = x + self.dropout(self.attn_norm(self.attn(x, cos, sin, mask, is_causal, cache, cache_position)))
+            return h + self.dropout(self.ffn_norm(self.mlp(h)))
+        h = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache, cache_position))
+        return h + self.dropout(self.mlp(self.ffn_norm(h)))
+
+
+class Backbone(nn.Module):
+    """Embeddings + blocks + final norm (the `model.` prefix, as in transformers)."""
+
+    def __init__(self, cfg: MmkitChameleonConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def doc_position_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids of a packed row -> position of each token inside its document."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start
+
+
+def build_attention_mask(T: int, start: int, attention_mask, doc_ids, device):
+    """-> (mask (B, 1, T, S) bool or None, is_causal) for queries [start, start+T) over keys [0, S).
+
+    The common cases need no mask tensor: a fresh causal pass uses SDPA's `is_causal`, a
+    one-token decode step attends to every cached key.
+    """
+    S = start + T
+    if doc_ids is None and (attention_mask is None or bool(attention_mask[:, :S].all())):
+        if start == 0:
+            return None, T > 1
+        if T == 1:
+            return None, False
+    q_pos = torch.arange(start, S, device=device)
+    mask = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S) causal
+    mask = mask[None, None]
+    if doc_ids is not None:  # block-causal: attention stays inside each document
+        if start:
+            raise ValueError("doc_ids cannot be combined with a KV cache")
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :S].bool()
+        # a left-pad query row would have no key at all (NaN); let it see itself
+        mask = mask | (q_pos[:, None] == torch.arange(S, device=device)[None, :])[None, None]
+    return mask, False
+
+
+class MmkitChameleonForCausalLM(PreTrainedModel):
+    config_class = MmkitChameleonConfig
+    config: MmkitChameleonConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MmkitChameleonConfig):
+        super().__init__(config)
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    # -- transformers plumbing ------------------------------------------------------
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (RMSNorm, HeadwiseLayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        self.gradient_checkpointing = enable
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
+
+    # -- fast generation contract (docs/design.md) ----------------------------------
+    def make_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> StaticKVCache:
+        p = self.lm_head.weight
+        cfg = self.config
+        return StaticKVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                             dtype=dtype or p.dtype, device=device or p.device)
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T_total incl. cache), 0 = (left) padding
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        labels: torch.Tensor | None = None,  # (B, T), aligned with input_ids (shifted here)
+        doc_ids: torch.Tensor | None = None,  # (B, T) packed-document ids: block-causal attention
+        cache: StaticKVCache | None = None,
+        cache_position: int | None = None,
+        loss_weights: torch.Tensor | None = None,  # (B, T) weight of predicting labels[t]
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,  # >0: only the last positions' logits (decode)
+        return_dict: bool | None = None,
+        **kwargs,  # output_attentions etc. from PEFT/transformers callers: ignored
+    ) -> ChameleonOutput:
+        cfg = self.config
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        start = int(cache_position or 0)
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = doc_position_ids(doc_ids)
+            elif attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+            else:
+                position_ids = torch.arange(start, start + T, device=x.device)[None]
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)  # (B, T, hd/2) fp32
+        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # (B, 1, T, hd), computed once for all layers
+        sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
+        mask, is_causal = build_attention_mask(T, start, attention_mask, doc_ids, x.device)
+
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, is_causal, None, 0, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, is_causal, cache, start)
+        h = self.model.norm(x)  # (B, T, D)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)  # (B, T, V): image codes included, nothing masked
+
+        loss = ce = z = None
+        if labels is not None:
+            loss, ce, z = self.loss_from_logits(logits, labels, loss_weights)
+        return ChameleonOutput(loss=loss, logits=logits, ce_loss=ce, z_loss=z, hidden_states=h)
+
+    def loss_from_logits(self, logits, labels, loss_weights=None):
+        """Next-token CE (+ z-loss) over labels != -100; per-token weights optional.
+
+        Shifts the labels left instead of slicing the logits. CE and z-loss share one
+        logsumexp in fp32. Normalised by the number of supervised tokens, so weights < 1
+        down-weight a modality without changing the scale of the others.
+        """
+        target = torch.full_like(labels, IGNORE_INDEX)
+        target[:, :-1] = labels[:, 1:]
+        target = target.flatten()  # (N,)
+        valid = target != IGNORE_INDEX
+        n_valid = int(valid.sum())
+        n = max(n_valid, 1)
+        flat = logits.flatten(0, 1)  # (N, V)
+        w = None
+        if loss_weights is not None:
+            w = torch.zeros_like(loss_weights, dtype=torch.float32)
+            w[:, :-1] = loss_weights[:, 1:]
+            w = w.flatten()
+        if 2 * n_valid < flat.shape[0]:  # mostly unsupervised (prompts, padding): drop those rows
+            idx = valid.nonzero().squeeze(1)
+            flat, target = flat.index_select(0, idx), target.index_select(0, idx)
+            w = w.index_select(0, idx) if w is not None else None
+        else:  # mostly supervised: mask instead of copying rows
+            w = valid.float() if w is None else w * valid
+            target = target.clamp(min=0)
+        flat = flat.float()
+        lse = torch.logsumexp(flat, dim=-1)  # (N,)
+        ce_tok = lse - flat.gather(1, target[:, None]).squeeze(1)
+        if w is None:
+            ce, z = ce_tok.sum() / n, lse.square().sum() / n
+        else:
+            ce, z = (ce_tok * w).sum() / n, (lse.square() * w).sum() / n
+        loss = ce + self.config.z_loss * z if self.config.z_loss else ce
+        return loss, ce.detach(), z.detach()
+
+
+def register_auto() -> None:
+    """Make AutoConfig / AutoModelForCausalLM know `mmkit_chameleon` (idempotent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register("mmkit_chameleon", MmkitChameleonConfig)
+    except ValueError:
+        pass  # already registered
+    try:
+        AutoModelForCausalLM.register(MmkitChameleonConfig, MmkitChameleonForCausalLM)
+    except ValueError:
+        pass
+
+
+register_auto()

@@ -1,0 +1,213 @@
+"""MoonViT: the Kimi-VL native-resolution vision encoder, in plain PyTorch.
+
+Images of different sizes are packed into one sequence of patches (no padding). Attention
+stays inside each image: one SDPA call per group of same-size images (never a dense L x L
+mask over the pack, which is O(L^2) memory and was the remote code's OOM bug). Everything
+that depends only on the grids (cu_seqlens, RoPE angles, resampled position embeddings,
+the 2x2 merge gather) is computed once per forward in `VisionMeta` and shared by all blocks.
+
+Parameter names follow the Kimi-VL checkpoint (`wqkv`, `wo`, `norm0/1`, `mlp.fc0/fc1`,
+`final_layernorm`), so its layout loads with a prefix rename only. The fused `wqkv` keeps
+Kimi-VL's interleaved-complex RoPE layout; transformers' kimi_k25 stores q/k rotate-half
+(see load.py for the permutation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmkit.models.kimivl.config import MoonViTConfig
+
+
+@dataclass
+class VisionMeta:
+    """Per-batch metadata derived from `grid_thw` once and reused by every block."""
+
+    groups: list[tuple[int, int, int, int]]  # (start, n_images, tokens_per_image) runs of same-size images
+    cu_seqlens: torch.Tensor  # (n_images + 1,) int32
+    cos: torch.Tensor  # (L, hd/2) fp32
+    sin: torch.Tensor  # (L, hd/2) fp32
+    merge_index: torch.Tensor  # (L,) gather that reorders patches into 2x2 groups [TL, TR, BL, BR]
+    sizes: list[tuple[int, int]]  # (h, w) per image
+
+
+def _grid_list(grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+    out = []
+    for t, h, w in grid_thw.tolist():
+        if int(t) != 1:
+            raise ValueError(f"MoonViT takes still images (t=1); got grid {(t, h, w)}")
+        out.append((int(h), int(w)))
+    return out
+
+
+def rope_2d_angles(sizes: list[tuple[int, int]], head_dim: int, theta: float, device) -> torch.Tensor:
+    """Angles (L, head_dim/2) in Kimi-VL order: complex pair 2i rotates by x * f_i (width),
+    pair 2i+1 by y * f_i (height), f_i = theta^(-4i/head_dim)."""
+    n_freq = head_dim // 4
+    inv_freq = 1.0 / (theta ** (torch.arange(0, n_freq, device=device, dtype=torch.float32) * 4 / head_dim))
+    parts = []
+    for h, w in sizes:
+        y = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)  # (h*w,)
+        x = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+        ang = torch.stack([x[:, None] * inv_freq, y[:, None] * inv_freq], dim=-1)  # (hw, n_freq, 2)
+        parts.append(ang.flatten(1))
+    return torch.cat(parts)
+
+
+def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (L, H, hd) with (2i, 2i+1) complex pairs; cos/sin (L, hd/2). fp32 math like Kimi-VL."""
+    dtype = x.dtype
+    xf = x.float().unflatten(-1, (-1, 2))  # (L, H, hd/2, 2)
+    xr, xi = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None], sin[:, None]  # (L, 1, hd/2)
+    out = torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(-2)
+    return out.to(dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch projection + learned absolute position grid resampled bicubically per image."""
+
+    def __init__(self, cfg: MoonViTConfig):
+        super().__init__()
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(3, cfg.hidden_size, kernel_size=p, stride=p)
+        self.pos_emb = nn.Module()
+        self.pos_emb.weight = nn.Parameter(torch.empty(cfg.pos_emb_height, cfg.pos_emb_width, cfg.hidden_size))
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    def position_embeddings(self, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """(L, D): the table resampled to each (h, w), computed once per distinct size."""
+        table = self.pos_emb.weight  # (H0, W0, D)
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        parts = []
+        for hw in sizes:
+            if hw not in cache:
+                if hw == tuple(table.shape[:2]):
+                    cache[hw] = table.flatten(0, 1)
+                else:
+                    grid = table.permute(2, 0, 1).unsqueeze(0)  # (1, D, H0, W0)
+                    # bicubic, align_corners=False, no antialias: what Kimi-VL and kimi_k25 compute
+                    out = F.interpolate(grid, size=hw, mode="bicubic", align_corners=False)
+                    cache[hw] = out[0].permute(1, 2, 0).flatten(0, 1)  # (h*w, D)
+            parts.append(cache[hw])
+        return torch.cat(parts)
+
+    def forward(self, pixel_values: torch.Tensor, sizes: list[tuple[int, int]], use_pos_emb: bool = True):
+        # A conv whose kernel covers the whole (3, p, p) patch is a matmul; F.linear is faster on CPU.
+        w = self.proj.weight.flatten(1)  # (D, 3*p*p)
+        x = F.linear(pixel_values.flatten(1).to(w.dtype), w, self.proj.bias)  # (L, D)
+        if use_pos_emb:
+            x = x + self.position_embeddings(sizes).to(x.dtype)
+        return x
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: MoonViTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor, meta: VisionMeta, use_rope: bool = True) -> torch.Tensor:  # (L, D)
+        L = x.shape[0]
+        qkv = self.wqkv(x).view(L, 3, self.num_heads, self.head_dim)  # (L, 3, H, hd), head-major
+        q, k, v = qkv.unbind(1)
+        if use_rope:
+            q = apply_rope_2d(q, meta.cos, meta.sin)
+            k = apply_rope_2d(k, meta.cos, meta.sin)
+        outs = []
+        for start, n, t in meta.groups:
+            end = start + n * t
+            # (n, H, t, hd): same-size images attend as one batched SDPA call, each to itself only
+            qi, ki, vi = (z[start:end].view(n, t, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+            o = F.scaled_dot_product_attention(qi, ki, vi)
+            outs.append(o.transpose(1, 2).reshape(n * t, -1))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.wo(out)
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: MoonViTConfig):
+        super().__init__()
+        self.fc0 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc1 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc1(F.gelu(self.fc0(x), approximate="tanh"))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+
+    def __init__(self, cfg: MoonViTConfig):
+        super().__init__()
+        self.norm0 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor, meta: VisionMeta, use_rope: bool = True) -> torch.Tensor:
+        x = x + self.attn(self.norm0(x), meta, use_rope)
+        return x + self.mlp(self.norm1(x))
+
+
+class MoonViT(nn.Module):
+    """Packed patches (L, 3, p, p) + grid rows (n, 3) -> per-patch features (L, D).
+
+    `merge_2x2(features, meta)` regroups them into (L/4, 4, D) merged tokens for the projector.
+    """
+
+    def __init__(self, cfg: MoonViTConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def build_meta(self, grid_thw: torch.Tensor, device) -> VisionMeta:
+        sizes = _grid_list(grid_thw)
+        kh, kw = self.config.merge_kernel_size
+        hd = self.config.hidden_size // self.config.num_attention_heads
+        groups, start, counts = [], 0, []
+        for h, w in sizes:
+            t = h * w
+            if groups and groups[-1][2] == t and sizes[len(counts) - 1] == (h, w):
+                s, n, _ = groups[-1]
+                groups[-1] = (s, n + 1, t)
+            else:
+                groups.append((start, 1, t))
+            start += t
+            counts.append(t)
+        cu = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+        ang = rope_2d_angles(sizes, hd, self.config.rope_theta, device)
+        merge_parts, off = [], 0
+        for h, w in sizes:
+            if h % kh or w % kw:
+                raise ValueError(f"grid {(h, w)} is not a multiple of the merge kernel {(kh, kw)}")
+            idx = torch.arange(off, off + h * w, device=device).view(h // kh, kh, w // kw, kw)
+            merge_parts.append(idx.permute(0, 2, 1, 3).flatten())  # (h/2, w/2, 2, 2) -> TL, TR, BL, BR
+            off += h * w
+        return VisionMeta(groups=groups, cu_seqlens=cu, cos=ang.cos(), sin=ang.sin(),
+                          merge_index=torch.cat(merge_parts), sizes=sizes)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, meta: VisionMeta | None = None,
+                use_rope: bool = True, use_pos_emb: bool = True) -> torch.Tensor:
+        meta = meta or self.build_meta(grid_thw, pixel_values.device)
+        x = self.patch_embed(pixel_values, meta.sizes, use_pos_emb)  # (L, D)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, meta, use_rope, use_reentrant=False)
+            else:
+                x = block(x, meta, use_rope)
+        return self.final_layernorm(x)
+
+    def merge_2x2(self, features: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        """(L, D) -> (L/4, 4, D): one gather, sub-tokens in [TL, TR, BL, BR] order."""
+        kh, kw = self.config.merge_kernel_size
+        return features.index_select(0, meta.merge_index).view(-1, kh * kw, features.shape[-1])

@@ -1,0 +1,244 @@
+"""`mmkit quickstart`: the whole toolkit end to end on the embedded shapes world.
+
+Stages (each timed, each result saved under DIR/stages/<name>.json so a re-run reuses
+finished stages; a stage that fails says which and why):
+
+  data        synthesise train/eval shards (interleaved, captions, VQA) + eval JSONs
+  text_tok    train the byte-level BPE text tokenizer
+  vq          train the VQ image tokenizer (training engine) and evaluate it
+  codes       store VQ codes into the shards (so training skips the VQ encoder)
+  chameleon   pretrain the Chameleon-style model (training engine)
+  kimivl      pretrain the Kimi-VL-style model (training engine)
+  generate    images from captions (CFG), captions and answers, an interleaved document
+  evaluate    shapes-vqa (official metric) both families, shapes-caption, shapes-t2i
+  report      DIR/report.md, DIR/report.html, DIR/results.json
+
+Every stage calls the same public entry points a user would (`mmkit.cli.main([...])`
+with the documented flags, or the documented Python APIs), so the quickstart doubles as
+an integration test of the contracts in docs/design.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import html
+import io
+import json
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from mmkit.errors import MmkitError, UsageError
+
+STAGES = ["data", "text_tok", "vq", "codes", "chameleon", "kimivl", "generate", "evaluate", "report"]
+
+
+@dataclasses.dataclass
+class Plan:
+    """Sizes of one quickstart run; `--scale` multiplies, `--smoke` shrinks to a wiring run."""
+
+    n_train: int = 3000          # documents per kind in the train split
+    n_eval: int = 300            # documents per kind in the held-out split
+    vq_steps: int = 0            # 0 = the recipe's own value
+    chameleon_steps: int = 0
+    kimivl_steps: int = 0
+    eval_limit: int | None = None
+    n_t2i_images: int = 8        # images in the generation grid
+    smoke: bool = False
+
+    @classmethod
+    def make(cls, scale: float, smoke: bool) -> "Plan":
+        if smoke:
+            return cls(n_train=48, n_eval=16, vq_steps=4, chameleon_steps=4, kimivl_steps=4,
+                       eval_limit=8, n_t2i_images=2, smoke=True)
+        p = cls()
+        p.n_train = int(p.n_train * scale)
+        p.n_eval = int(p.n_eval * max(1.0, scale ** 0.5))
+        return p
+
+    def key(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def recipes_root() -> Path:
+    """The repo's recipe folders (tokenizers/, training/, eval/) beside the package."""
+    import mmkit
+
+    root = Path(mmkit.__file__).resolve().parents[1]
+    if not (root / "training").is_dir():
+        raise UsageError(f"recipe folders not found next to the mmkit package ({root}); run from a clone")
+    return root
+
+
+def _cli(argv: list[str], capture: bool = False) -> str:
+    """Run `mmkit ARGV` in-process; a non-zero status becomes an MmkitError."""
+    from mmkit.cli import main
+
+    buf = io.StringIO()
+    ctx = contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext()
+    with ctx:
+        rc = main([str(a) for a in argv])
+    if rc != 0:
+        raise MmkitError(f"`mmkit {' '.join(map(str, argv))}` exited with status {rc}")
+    return buf.getvalue()
+
+
+class Quickstart:
+    def __init__(self, out: Path, plan: Plan, log: Callable[[str], None] = print):
+        self.out = out
+        self.plan = plan
+        self.log = log
+        self.stage_dir = out / "stages"
+        self.root = recipes_root()
+
+    # -- paths (docs/design.md "Quickstart directory layout") --
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    def final(self, name: str) -> Path:
+        return self.out / name / "final"
+
+    # -- stage bookkeeping --
+    def _record(self, name: str) -> Path:
+        return self.stage_dir / f"{name}.json"
+
+    def done(self, name: str) -> dict | None:
+        f = self._record(name)
+        if f.is_file():
+            rec = json.loads(f.read_text())
+            if rec.get("plan") == self.plan.key() and rec.get("ok"):
+                return rec
+        return None
+
+    def run(self, only: list[str] | None = None) -> dict:
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        t_all = time.time()
+        rerun = False  # once a stage runs again, every later stage must too
+        for i, name in enumerate(STAGES, 1):
+            if only and name not in only:
+                continue
+            prev = self.done(name)
+            if prev is not None and name != "report" and not rerun:
+                self.log(f"[quickstart] {i}/{len(STAGES)} {name}: reused ({prev['seconds']:.1f} s earlier)")
+                continue
+            self.log(f"[quickstart] {i}/{len(STAGES)} {name} ...")
+            rerun = True
+            t0 = time.time()
+            try:
+                results = getattr(self, f"stage_{name}")() or {}
+            except MmkitError as e:
+                self._fail(name, str(e), t0)
+            except Exception as e:  # a stage's bug: say which stage, keep the trace in a file
+                (self.stage_dir / f"{name}.error.txt").write_text(traceback.format_exc())
+                self._fail(name, f"{type(e).__name__}: {e} (trace: {self.stage_dir / (name + '.error.txt')})", t0)
+            rec = {"ok": True, "seconds": round(time.time() - t0, 2), "plan": self.plan.key(), "results": results}
+            self._record(name).write_text(json.dumps(rec, indent=1))
+            self.log(f"[quickstart] {i}/{len(STAGES)} {name}: done in {rec['seconds']:.1f} s")
+        results = json.loads((self.out / "results.json").read_text()) if (self.out / "results.json").exists() else {}
+        results.setdefault("wall_time_s_this_run", round(time.time() - t_all, 1))
+        return results
+
+    def _fail(self, name: str, why: str, t0: float):
+        rec = {"ok": False, "seconds": round(time.time() - t0, 2), "plan": self.plan.key(), "error": why}
+        self._record(name).write_text(json.dumps(rec, indent=1))
+        raise MmkitError(f"quickstart stage '{name}' failed: {why}")
+
+    # -- stages --
+    def stage_data(self) -> dict:
+        if self.data.exists():
+            shutil.rmtree(self.data)
+        _cli(["data", "synth", "--out", self.data, "--n", self.plan.n_train, "--eval-n", self.plan.n_eval,
+              "--seed", 0])
+        sizes = json.loads((self.data / "train" / "sizes.json").read_text())
+        return {"train_samples": sum(sizes.values()) if isinstance(sizes, dict) else sizes}
+
+    def stage_text_tok(self) -> dict:
+        _cli(["tokenizer", "train-text", "--data", self.data / "train", "--out", self.out / "text_tokenizer"])
+        return {}
+
+    def _train(self, recipe: str, out: Path, data: Path, steps: int, extra: list[str]) -> dict:
+        argv = ["train", "--config", self.root / recipe, "--out", out, "--data", data] + extra
+        if steps:
+            argv += ["--max-steps", steps]
+        if out.exists() and not (out / "final").exists():
+            shutil.rmtree(out)  # an unfinished earlier attempt with another plan
+        _cli(argv)
+        metrics = out / "metrics.jsonl"
+        losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if line.strip()] \
+            if metrics.exists() else []
+        return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                "steps": len(losses)}
+
+    def stage_vq(self) -> dict:
+        res = self._train("tokenizers/vq-shapes.yaml", self.out / "vq", self.data / "train", self.plan.vq_steps, [])
+        report = json.loads(_cli(["tokenizer", "eval-vq", "--model", self.final("vq"), "--data", self.data / "eval",
+                                  "--json"], capture=True))
+        res.update({k: report[k] for k in ("psnr", "ssim", "codebook_usage", "perplexity")})
+        return res
+
+    def stage_codes(self) -> dict:
+        for split in ("train", "eval"):
+            _cli(["data", "tokenize-images", "--model", self.final("vq"), self.data / split,
+                  "--out", self.data / f"{split}_codes"])
+        return {}
+
+    def stage_chameleon(self) -> dict:
+        return self._train("training/chameleon-shapes.yaml", self.out / "chameleon", self.data / "train_codes",
+                           self.plan.chameleon_steps,
+                           [f"model.text_tokenizer={self.out / 'text_tokenizer'}", f"model.vq={self.final('vq')}"])
+
+    def stage_kimivl(self) -> dict:
+        return self._train("training/kimivl-shapes.yaml", self.out / "kimivl", self.data / "train",
+                           self.plan.kimivl_steps, [f"model.text_tokenizer={self.out / 'text_tokenizer'}"])
+
+    def stage_generate(self) -> dict:
+        from mmkit.quickstart.samples import generate_samples
+
+        return generate_samples(self)
+
+    def stage_evaluate(self) -> dict:
+        from mmkit.eval.runner import evaluate_caption, evaluate_t2i, evaluate_vqa, majority_baseline
+        from mmkit.generation import load_pipeline
+
+        eval_dir = self.data / "eval"
+        lim = self.plan.eval_limit
+        out: dict[str, Any] = {"vqa": {}, "caption": {}, "t2i": {}}
+        for fam in ("chameleon", "kimivl"):
+            pipe = load_pipeline(self.final(fam))
+            out["vqa"][fam] = evaluate_vqa(pipe, eval_dir, limit=lim)
+            out["caption"][fam] = evaluate_caption(pipe, eval_dir, limit=lim)
+            if fam == "chameleon":
+                out["t2i"][fam] = evaluate_t2i(pipe, eval_dir, cfg_scale=3.0, seed=0, limit=lim)
+        out["vqa"]["majority_baseline"] = majority_baseline(eval_dir)
+        return out
+
+    def stage_report(self) -> dict:
+        from mmkit.quickstart.report import write_report
+
+        return write_report(self)
+
+
+def run_quickstart(out: str | Path, scale: float = 1.0, smoke: bool = False, only: list[str] | None = None,
+                   log: Callable[[str], None] = print) -> dict:
+    if scale <= 0:
+        raise UsageError("--scale must be positive")
+    qs = Quickstart(Path(out), Plan.make(scale, smoke), log=log)
+    return qs.run(only=only)
+
+
+def stage_results(qs: Quickstart) -> dict[str, dict]:
+    """name -> saved record of every finished stage."""
+    recs = {}
+    for name in STAGES:
+        f = qs._record(name)
+        if f.is_file():
+            recs[name] = json.loads(f.read_text())
+    return recs
+
+
+def esc(s: Any) -> str:
+    return html.escape(str(s))

@@ -1,0 +1,69 @@
+"""Reconstruction and codebook metrics for image tokenizers.
+
+PSNR and SSIM are computed on images mapped to [0, 1] (per image, then averaged), SSIM
+with the standard 11x11 Gaussian window (sigma 1.5, K1 0.01, K2 0.03) per channel, valid
+region only, as in Wang et al. 2004 / skimage `gaussian_weights=True`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of [0, 1] images (B, C, H, W) -> (B,). Identical images give inf."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(g**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM of [0, 1] images (B, C, H, W) -> (B,), mean over channels and positions."""
+    x, y = x.double(), y.double()
+    C = x.shape[1]
+    win = min(window, x.shape[-1], x.shape[-2])
+    win -= 1 - win % 2  # odd
+    g = _gaussian_window(win, sigma).to(x.device)
+    kh = g.view(1, 1, win, 1).expand(C, 1, win, 1)
+    kw = g.view(1, 1, 1, win).expand(C, 1, 1, win)
+
+    def blur(t):  # separable Gaussian, valid region
+        return F.conv2d(F.conv2d(t, kh, groups=C), kw, groups=C)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def code_histogram(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Counts of each code over all positions of `codes` (any shape) -> (codebook_size,)."""
+    return torch.bincount(codes.reshape(-1).long().cpu(), minlength=codebook_size)[:codebook_size]
+
+
+def usage_and_perplexity(hist: torch.Tensor) -> tuple[float, float]:
+    """(percent of codebook entries used at least once, exp(entropy of code frequencies))."""
+    total = int(hist.sum())
+    if total == 0:
+        return 0.0, 0.0
+    used = int((hist > 0).sum())
+    p = hist[hist > 0].double() / total
+    entropy = float(-(p * p.log()).sum())
+    return 100.0 * used / hist.numel(), math.exp(entropy)

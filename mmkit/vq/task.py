@@ -1,0 +1,159 @@
+"""Task "vq": trains the VQ image tokenizer through the shared engine.
+
+Recipe sections (both strict):
+  model: VQConfig fields, optionally `preset:` (shapes-f8 | f16-8192 | f16-16384) whose
+         values the other keys override, and `loss:` (VQLossConfig).
+  data:  VQDataConfig (shard sources, crop size).
+Batches are fixed-size random crops of every image in the shards (images of any size;
+smaller ones are edge-padded), so variable image sizes need no bucketing; the conv net is
+translation-equivariant, so crop-trained weights encode full images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmkit.config import from_dict
+from mmkit.errors import UsageError
+from mmkit.train.task import register_task
+from mmkit.vq.losses import VQLossConfig, VQTrainer
+from mmkit.vq.model import PRESETS, VQConfig, VQModel
+
+
+@dataclass
+class VQDataConfig:
+    sources: Any = None  # a directory, list of shards or {dir_or_pattern: weight}; `--data` fills it
+    crop: int = 32  # training crop (multiple of the downsampling factor)
+    flip: bool = True  # random horizontal flips
+    shuffle_buffer: int = 1000
+    max_images_per_sample: int = 4  # interleaved docs hold several images; cap per doc
+
+
+def parse_model_section(model_cfg: dict, where: str = "model") -> tuple[VQConfig, VQLossConfig]:
+    model_cfg = dict(model_cfg or {})
+    preset = model_cfg.pop("preset", "shapes-f8")
+    if preset not in PRESETS:
+        raise UsageError(f"{where}: unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    loss = from_dict(VQLossConfig, model_cfg.pop("loss", {}), where=f"{where}: key 'loss'")
+    vq = from_dict(VQConfig, {**PRESETS[preset], **model_cfg}, where=where)
+    return vq, loss
+
+
+def image_to_tensor(img) -> torch.Tensor:
+    """PIL image -> (3, H, W) float in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class CropImages:
+    """map_fn: doc -> (k, 3, crop, crop) crops of its images, or None if it has none.
+
+    Crop offsets come from a hash of (seed, key, image index): deterministic, so a resumed
+    stream sees exactly the crops it would have seen. Module-level and picklable.
+    """
+
+    def __init__(self, crop: int, flip: bool, seed: int, max_images: int):
+        self.crop, self.flip, self.seed, self.max_images = crop, flip, seed, max_images
+
+    def __call__(self, doc):
+        out = []
+        for i, img in enumerate(x for x in doc.get("images", []) if x is not None):
+            if i >= self.max_images:
+                break
+            x = image_to_tensor(img)  # (3, H, W)
+            c = self.crop
+            _, H, W = x.shape
+            if H < c or W < c:
+                x = torch.nn.functional.pad(x[None], (0, max(0, c - W), 0, max(0, c - H)), mode="replicate")[0]
+                _, H, W = x.shape
+            h = hashlib.blake2b(f"{self.seed}/{doc.get('__key__')}/{i}".encode(), digest_size=8).digest()
+            r = int.from_bytes(h, "little")
+            top, left = r % (H - c + 1), (r >> 20) % (W - c + 1)
+            x = x[:, top:top + c, left:left + c]
+            if self.flip and (r >> 40) & 1:
+                x = x.flip(-1)
+            out.append(x)
+        return torch.stack(out) if out else None
+
+
+def collate_crops(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"images": torch.cat(items)}  # (N, 3, c, c)
+
+
+@register_task("vq")
+class VQTask:
+    """The VQ tokenizer as the engine sees it (see mmkit.train.task.Task)."""
+
+    def __init__(self, model_cfg: dict, data_cfg: dict, *, seed: int = 0, out_dir: str = "."):
+        self.vq_cfg, self.loss_cfg = parse_model_section(model_cfg)
+        self.data_cfg = from_dict(VQDataConfig, data_cfg, where="data")
+        if self.data_cfg.crop % self.vq_cfg.downsample or self.data_cfg.crop < self.vq_cfg.downsample:
+            raise UsageError(f"data.crop {self.data_cfg.crop} must be a positive multiple of the "
+                             f"downsampling factor {self.vq_cfg.downsample}")
+        self.seed, self.out_dir = seed, out_dir
+
+    def build_model(self) -> nn.Module:
+        return VQTrainer(VQModel(self.vq_cfg), self.loss_cfg)
+
+    def batches(self, *, rank: int = 0, world_size: int = 1, batch_size: int, num_workers: int = 0):
+        from mmkit.data import build_stream
+
+        d = self.data_cfg
+        if d.sources is None:
+            raise UsageError("vq task: no training data (set data.sources or pass --data DIR)")
+        return build_stream(
+            d.sources, batch_size=batch_size, collate_fn=collate_crops,
+            map_fn=CropImages(d.crop, d.flip, self.seed, d.max_images_per_sample), seed=self.seed,
+            rank=rank, world_size=world_size, num_workers=num_workers, decode_images=True,
+            shuffle_buffer=d.shuffle_buffer, infinite=True,
+        )
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]):
+        images = batch["images"]
+        device = next(model.parameters()).device
+        loss, codes, metrics = model(images.to(device))
+        metrics["tokens"] = float(codes.numel())
+        return loss, metrics
+
+    def on_optimizer_step(self, model: nn.Module) -> None:
+        getattr(model, "module", model).step += 1
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, step: int, out_dir: str) -> None:
+        """Save originals (top) and reconstructions (bottom) of a fixed batch as a PNG grid."""
+        vq = getattr(model, "module", model).vq
+        try:
+            batch = next(iter(self.batches(batch_size=8)))
+        except Exception:  # sampling must never kill a training run
+            return
+        was_training = vq.training
+        vq.eval()
+        x = batch["images"][:8].to(next(vq.parameters()).device)
+        y = vq.decode(vq.encode(x))
+        vq.train(was_training)
+        save_grid(torch.cat([x, y]), Path(out_dir) / f"vq_step{step:07d}.png", nrow=len(x))
+
+    def save_final(self, model: nn.Module, out_dir: str) -> None:
+        getattr(model, "module", model).vq.save_pretrained(out_dir)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
+    from PIL import Image
+
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()  # (N, 3, H, W)
+    N, C, H, W = x.shape
+    rows = math.ceil(N / nrow)
+    grid = torch.zeros(C, rows * H, nrow * W, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)

@@ -1,0 +1,256 @@
+"""Chameleon family: parity with transformers, conversion both ways, masks, cache, loss, LoRA."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmkit
+from mmkit.models.chameleon.config import MmkitChameleonConfig
+from mmkit.models.chameleon.load import (
+    GLOBAL_KEYS,
+    LAYER_KEYS,
+    export_to_transformers,
+    image_code_from_name,
+    image_code_name,
+    state_from_transformers,
+    state_to_transformers,
+)
+from mmkit.models.chameleon.model import MmkitChameleonForCausalLM
+
+V, NIMG, BOI, EOI, IMG = 300, 200, 205, 204, 206
+
+
+def hf_vocab_map():
+    vm = {image_code_name(c): 4 + c for c in range(NIMG)}
+    vm.update({"<racm3:break>": BOI, "<eoss>": EOI, "<image>": IMG, "<s>": 1, "</s>": 2})
+    return vm
+
+
+def make_hf(swin=False, kv=4, theta=5000.0):
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    vq = dict(embed_dim=32, num_embeddings=NIMG, latent_channels=32, resolution=32, base_channels=32,
+              channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[])
+    cfg = ChameleonConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=kv, vocabulary_map=hf_vocab_map(),
+                          vq_config=vq, swin_norm=swin, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    model = ChameleonForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random (not identity) norms so the affine parts are checked too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
+    return model
+
+
+def hf_unmasked_logits(model, ids):
+    return model.lm_head(model.model(ids).last_hidden_state)
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, image_token_offset=4, num_image_tokens=NIMG, boi_token_id=BOI,
+                eoi_token_id=EOI, image_token_id=IMG, max_position_embeddings=128)
+    base.update(kw)
+    return MmkitChameleonConfig(**base)
+
+
+def mixed_ids(B=2, T=24):
+    """Text ids, image-code ids and boi/eoi in one batch."""
+    ids = torch.randint(0, V, (B, T))
+    ids[:, 3] = BOI
+    ids[:, 4:12] = torch.randint(4, 4 + NIMG, (B, 8))
+    ids[:, 12] = EOI
+    return ids
+
+
+@pytest.mark.parametrize("swin,kv", [(False, 4), (True, 4), (False, 2), (True, 1)])
+def test_logit_parity_with_transformers(tmp_path, swin, kv):
+    hf = make_hf(swin=swin, kv=kv)
+    hf.save_pretrained(tmp_path)
+    model = mmkit.load_model(tmp_path)
+    assert isinstance(model, MmkitChameleonForCausalLM)
+    assert (model.config.boi_token_id, model.config.eoi_token_id, model.config.image_token_offset) == (BOI, EOI, 4)
+    assert model.config.num_image_tokens == NIMG and model.config.rope_theta == 5000.0
+    ids = mixed_ids()
+    with torch.no_grad():
+        ref = hf_unmasked_logits(hf, ids)
+        out = model(ids).logits
+    assert out.shape == (2, 24, V)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    # image-code columns are real logits (transformers' forward sets them to finfo.min)
+    assert torch.isfinite(out[..., 4:4 + NIMG]).all() and out[..., 4:4 + NIMG].abs().max() < 100
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lumina_qk_norm_shape_loads(tmp_path, groups):
+    """q/k-norm stored as [model_parallel_size, hd] (Lumina-mGPT) repeats per head."""
+    from safetensors.torch import load_file, save_file
+
+    hf = make_hf(kv=2)
+    with torch.no_grad():  # heads of one shard share their affine, as in a model-parallel checkpoint
+        for name, p in hf.named_parameters():
+            if "q_norm" in name or "k_norm" in name:
+                p.copy_(p[:: p.shape[0] // groups].repeat_interleave(p.shape[0] // groups, dim=0))
+    hf.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    for k in list(state):
+        if "q_norm" in k or "k_norm" in k:
+            state[k] = state[k][:: state[k].shape[0] // groups].clone()
+            assert state[k].shape[0] == groups
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = mmkit.load_model(tmp_path)
+    assert model.model.layers[0].attn.q_norm.weight.shape == (4, 16)
+    assert model.model.layers[0].attn.k_norm.weight.shape == (2, 16)
+    ids = mixed_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf_unmasked_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_key_mapping_tables_roundtrip():
+    cfg = tiny_cfg()
+    model = MmkitChameleonForCausalLM(cfg)
+    ours = model.state_dict()
+    theirs = state_to_transformers(ours, cfg)
+    # exactly the transformers key set (minus the VQGAN), every tensor used once
+    n_layer_keys = sum(len(v) for v in LAYER_KEYS.values())
+    assert len(theirs) == len(GLOBAL_KEYS) + cfg.num_hidden_layers * n_layer_keys
+    assert theirs["model.layers.1.self_attn.k_proj.weight"].shape == (2 * 16, 64)
+    assert theirs["model.layers.0.mlp.up_proj.weight"].shape == (96, 64)
+    back = state_from_transformers(theirs, cfg)
+    assert set(back) == set(ours)
+    for k in ours:
+        assert torch.equal(back[k], ours[k]), k
+    assert image_code_from_name(image_code_name(8191)) == 8191
+
+
+def test_export_to_transformers_roundtrip(tmp_path):
+    from transformers import ChameleonForConditionalGeneration
+
+    model = MmkitChameleonForCausalLM(tiny_cfg(swin_norm=True, rope_theta=20000.0)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    export_to_transformers(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "chameleon"
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids = mixed_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        torch.testing.assert_close(hf_unmasked_logits(hf, ids), ref, atol=1e-4, rtol=0)
+        back = mmkit.load_model(tmp_path)  # and back again
+        torch.testing.assert_close(back(ids).logits, ref, atol=1e-5, rtol=0)
+    assert back.config.boi_token_id == BOI and back.config.image_token_offset == 4
+
+
+def test_save_load_roundtrip_and_auto(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = MmkitChameleonForCausalLM(tiny_cfg(z_loss=1e-5)).eval()
+    model.save_pretrained(tmp_path)
+    ids = mixed_ids()
+    loaded = mmkit.load_model(tmp_path)
+    assert type(loaded) is MmkitChameleonForCausalLM and loaded.config.z_loss == 1e-5
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "mmkit_chameleon"
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert torch.equal(loaded(ids).logits, ref)
+        assert torch.equal(auto(ids).logits, ref)
+
+
+def test_document_masking_equals_separate_documents():
+    model = MmkitChameleonForCausalLM(tiny_cfg()).eval()
+    lens = [7, 11, 5]
+    docs = [mixed_ids(1, n) if n > 12 else torch.randint(0, V, (1, n)) for n in lens]
+    packed = torch.cat(docs, 1)  # (1, 23)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lens)], 1)
+    with torch.no_grad():
+        out = model(packed, doc_ids=doc_ids).logits
+        sep = torch.cat([model(d).logits for d in docs], 1)
+        unmasked = model(packed).logits
+    torch.testing.assert_close(out, sep, atol=1e-5, rtol=0)
+    assert (unmasked[:, lens[0]:] - sep[:, lens[0]:]).abs().max() > 1e-3  # the mask matters
+
+
+def test_cached_forward_equals_full_forward():
+    model = MmkitChameleonForCausalLM(tiny_cfg(swin_norm=True)).eval()
+    ids = mixed_ids(2, 20)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.make_cache(2, 32, torch.float32, "cpu")
+        step = [model(ids[:, :12], cache=cache, cache_position=0).logits]
+        step.append(model(ids[:, 12:15], cache=cache, cache_position=12).logits)  # chunked prefill
+        for t in range(15, 20):
+            step.append(model(ids[:, t:t + 1], cache=cache, cache_position=t).logits)
+    torch.testing.assert_close(torch.cat(step, 1), full, atol=1e-5, rtol=0)
+
+
+def test_left_padded_batch_with_cache_equals_unpadded():
+    model = MmkitChameleonForCausalLM(tiny_cfg()).eval()
+    a, b = torch.randint(0, V, (1, 10)), torch.randint(0, V, (1, 6))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)], 0)  # b left-padded
+    attn = torch.ones(2, 13, dtype=torch.long)
+    attn[1, :4] = 0
+    nxt = torch.randint(0, V, (2, 3))
+    with torch.no_grad():
+        cache = model.make_cache(2, 16, torch.float32, "cpu")
+        pre = model(batch, attention_mask=attn[:, :10], cache=cache, cache_position=0).logits
+        steps = [model(nxt[:, i:i + 1], attention_mask=attn[:, :11 + i], cache=cache, cache_position=10 + i).logits
+                 for i in range(3)]
+        ref_b = model(torch.cat([b, nxt[1:]], 1)).logits
+        ref_a = model(torch.cat([a, nxt[:1]], 1)).logits
+    got_b = torch.cat([pre[1:, 4:]] + [s[1:] for s in steps], 1)
+    got_a = torch.cat([pre[:1]] + [s[:1] for s in steps], 1)
+    torch.testing.assert_close(got_b, ref_b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_a, ref_a, atol=1e-5, rtol=0)
+
+
+def test_loss_cross_entropy_z_loss_and_weights():
+    model = MmkitChameleonForCausalLM(tiny_cfg(z_loss=1e-3)).eval()
+    ids = mixed_ids()
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits.float()
+    ref_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    lse = torch.logsumexp(logits[:, :-1], -1)[labels[:, 1:] != -100]
+    torch.testing.assert_close(out.ce_loss, ref_ce)
+    torch.testing.assert_close(out.z_loss, lse.square().mean())
+    torch.testing.assert_close(out.loss, ref_ce + 1e-3 * lse.square().mean())
+    # per-token weights: image targets at 0 == text-only loss summed over the same count
+    w = torch.where(model.config.is_image_token(ids), 0.0, 1.0)
+    weighted = model(ids, labels=labels, loss_weights=w).ce_loss
+    ce_tok = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="none")
+    n = (labels[:, 1:] != -100).sum()
+    torch.testing.assert_close(weighted, (ce_tok * w[:, 1:].flatten()).sum() / n)
+
+
+def test_lora_with_peft(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = MmkitChameleonForCausalLM(tiny_cfg())
+    ids = mixed_ids()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(ids).logits
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["wqkv", "wo", "w13", "w2"]))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        tuned = peft_model(input_ids=ids).logits
+    assert (tuned - base).abs().max() > 1e-4
+    peft_model.save_pretrained(tmp_path / "adapter")
+    fresh = MmkitChameleonForCausalLM(tiny_cfg())
+    fresh.load_state_dict(base_state)
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, tuned, atol=1e-5, rtol=0)
