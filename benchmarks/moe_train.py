@@ -67,11 +67,14 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (dev runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_train.json"))
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    cfg = QUICK if a.quick else BENCH
+    cfg = dict(QUICK if a.quick else BENCH)
+    if a.layers:
+        cfg["num_hidden_layers"] = a.layers
     batch, seq = (2, 256) if a.quick else (4, 1024)
     steps = a.steps or (3 if a.quick else 4)
     hf, ours, hf_impl = build_pair(cfg, a.device)

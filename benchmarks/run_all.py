@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 ORDER = [
     "data_pipeline", "train_engine", "vq_compare", "chameleon_train", "moe_train", "moe_scaling",
-    "kimivl_model", "generation",
+    "kimivl_model", "generation", "eval_scorers",
 ]
 TITLES = {
     "data_pipeline": "Data pipeline (issue 2)",
@@ -37,6 +37,7 @@ TITLES = {
     "moe_scaling": "MoE step time vs number of experts (issue 6)",
     "kimivl_model": "Kimi-VL-style whole model vs transformers Kimi-K2.5 (issue 6)",
     "generation": "Generation vs transformers generate (issue 7)",
+    "eval_scorers": "Evaluators vs pycocoevalcap / official VQA rules (issue 8)",
 }
 
 

@@ -22,3 +22,15 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """A small shapes-world dataset (mmkit data synth): DIR with train/ and eval/ shards,
+    sizes.json, and the eval exports (vqa_questions.json, vqa_annotations.json,
+    captions.json, t2i_prompts.json). 64 train / 32 eval samples per kind, seed 0."""
+    from mmkit.data.synth import synth
+
+    out = tmp_path_factory.mktemp("shapes_data")
+    synth(out, n=64, seed=0, eval_n=32, shard_size=32, workers=1)
+    return out

@@ -89,3 +89,30 @@ def test_caption_errors(tmp_path, capsys, monkeypatch):
                  "--references", str(tmp_path / "r.json"), "--no-meteor"]) == 1
     err = capsys.readouterr().err.strip()
     assert "Java not found" in err and len(err.splitlines()) == 1
+
+
+def test_read_only_site_packages(tmp_path):
+    """With pycocoevalcap's directory mounted read-only, its PTBTokenizer fails and ours works."""
+    import subprocess
+    import sys
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs a private mount namespace (unshare -m) to make site-packages read-only")
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)))  # a namespace package
+    code = ("from mmkit.eval.caption import ptb_tokenize, score_captions\n"
+            "from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer\n"
+            "caps = {1: [{'caption': 'A red circle, left.'}]}\n"
+            "try:\n    PTBTokenizer().tokenize(caps); print('theirs ok')\n"
+            "except OSError as e:\n    print('theirs', e.errno)\n"
+            "print(ptb_tokenize(caps))\n"
+            "print(score_captions({1: 'a red circle'}, {1: ['a red circle']}, meteor=False)['ROUGE_L'])\n")
+    script = tmp_path / "ro.py"
+    script.write_text(code)
+    cmd = f"mount --bind {pkg} {pkg} && mount -o remount,bind,ro {pkg} && {sys.executable} {script}"
+    out = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True, cwd=tmp_path)
+    if "mount:" in out.stderr:
+        pytest.skip(f"cannot remount read-only here: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["theirs 30", "{1: ['a red circle left']}", "1.0"]  # 30 = EROFS

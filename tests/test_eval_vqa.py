@@ -124,6 +124,10 @@ def test_score_breakdown_and_overall_tie():
     assert lenient["overall"] == 86.67
     exact = score_vqa({1: "red", 2: "2", 3: "Blue"}, records, mode="exact")
     assert exact["overall"] == 66.67  # gold = first answer: red, 2, blue
+    gqa = [{"question_id": "q1", "answers": ["yes"], "answer": "yes", "question_type": "verify", "answer_type": "yn"}]
+    with pytest.raises(MmkitError, match="use --mode exact"):
+        score_vqa({"q1": "yes"}, gqa)
+    assert score_vqa({"q1": " yes"}, gqa, mode="exact")["overall"] == 100.0
 
 
 def test_missing_predictions():
@@ -174,3 +178,27 @@ def test_cli_vqa_score(tmp_path, capsys):
     assert main(base + ["--predictions", str(tmp_path / "p1.json"), "--allow-missing"]) == 0
     assert "Overall Accuracy is: 100.00" in capsys.readouterr().out
     assert main(base + ["--predictions", str(tmp_path / "nope.json")]) == 2
+
+
+def test_cli_gqa_and_textvqa_formats(tmp_path, capsys):
+    from mmkit.cli import main
+
+    gqa = {"201": {"question": "Is it red?", "imageId": "n1", "answer": "yes",
+                   "types": {"structural": "verify", "detailed": "verifyAttr"}},
+           "202": {"question": "What is it?", "imageId": "n2", "answer": "circle",
+                   "types": {"structural": "query", "detailed": "objName"}}}
+    (tmp_path / "gqa.json").write_text(json.dumps(gqa))
+    (tmp_path / "gp.json").write_text(json.dumps([{"questionId": "201", "prediction": "yes"},
+                                                  {"questionId": "202", "prediction": "Circle"}]))
+    assert main(["eval", "vqa-score", "--predictions", str(tmp_path / "gp.json"), "--annotations",
+                 str(tmp_path / "gqa.json"), "--mode", "exact", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["overall"] == 50.0 and out["perAnswerType"] == {"verify": 100.0, "query": 0.0}  # case counts
+    # TextVQA: answers are plain strings; lenient (EvalAI) normalises "Coca-Cola" -> "coca cola"
+    tv = {"data": [{"question_id": 7, "image_id": "abc", "question": "What brand?",
+                    "answers": ["coca cola"] * 2 + ["Coca-Cola"] * 2 + ["pepsi"] * 6}]}
+    (tmp_path / "tv.json").write_text(json.dumps(tv))
+    (tmp_path / "tp.json").write_text(json.dumps([{"question_id": 7, "answer": "coca cola"}]))
+    assert main(["eval", "vqa-score", "--predictions", str(tmp_path / "tp.json"), "--annotations",
+                 str(tmp_path / "tv.json"), "--mode", "lenient", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"] == 100.0  # 4 matches of 10

@@ -23,9 +23,9 @@ def _images(b=3, h=16, w=24):
     return torch.rand(b, 3, h, w) * 2 - 1
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "fsq", "lfq"])
-def test_save_load_bit_exact_and_deterministic(tmp_path, quantizer):
-    model = tiny(quantizer)
+@pytest.mark.parametrize("quantizer,norm", [("vq", "group"), ("fsq", "group"), ("lfq", "group"), ("vq", "channel")])
+def test_save_load_bit_exact_and_deterministic(tmp_path, quantizer, norm):
+    model = tiny(quantizer, norm=norm)
     x = _images()
     model.train()
     for _ in range(2):  # a couple of training passes move the EMA codebook buffers

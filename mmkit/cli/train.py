@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+
+
+def _add_flags(p, *, top: bool) -> None:
+    p.add_argument("--config", help="recipe YAML (task, model, data, train); required")
+    p.add_argument("--out", help="run directory (checkpoints, metrics, final weights); required")
+    p.add_argument("--data", help="training shards: sets the recipe's data.sources")
+    p.add_argument("--max-steps", type=int, help="train.max_steps (the schedule's length)")
+    p.add_argument("--save-every", type=int, help="train.save_every")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="stop with a checkpoint at this step without changing the schedule (chunked jobs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if top:
+        # REMAINDER, not "*": argparse cannot interleave a "*" positional with flags
+        # (`model.x=1 --max-steps 5 train.y=2`); run() sorts the tokens out itself.
+        p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+                       help="recipe overrides, e.g. train.lr=1e-3 model.dim=128 (flags may follow)")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -11,18 +31,25 @@ def register(subparsers) -> None:
         "recipe keys (e.g. train.lr=1e-3 model.dim=128). Launch with `accelerate launch "
         "[--config_file training/accelerate/X.yaml] -m mmkit train ...` for DDP/FSDP.",
     )
-    p.add_argument("--config", required=True, help="recipe YAML (task, model, data, train)")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final weights)")
-    p.add_argument("--data", help="training shards: sets the recipe's data.sources")
-    p.add_argument("--max-steps", type=int, help="train.max_steps (the schedule's length)")
-    p.add_argument("--save-every", type=int, help="train.save_every")
-    p.add_argument("--seed", type=int, help="train.seed")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--stop-after", type=int, metavar="STEP",
-                   help="stop with a checkpoint at this step without changing the schedule (chunked jobs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    _add_flags(p, top=True)
     p.set_defaults(func=run)
+
+
+def _split_remainder(args) -> None:
+    """key=value tokens -> args.overrides; flags that came after them -> parsed into args."""
+    from mmkit.cli import ArgumentParser
+
+    overrides, flags = [], []
+    for tok in args.overrides:
+        (overrides if "=" in tok and not tok.startswith("-") else flags).append(tok)
+    if flags:
+        later = ArgumentParser(prog="mmkit train", add_help=False)
+        _add_flags(later, top=False)
+        ns = later.parse_args(flags)
+        for key, value in vars(ns).items():
+            if value is not None and value is not False:
+                setattr(args, key, value)
+    args.overrides = overrides
 
 
 def load_recipe(config: str, overrides: list[str], *, data: str | None = None, max_steps: int | None = None,
@@ -53,6 +80,10 @@ def run(args) -> int:
 
     from mmkit.errors import UsageError
 
+    _split_remainder(args)
+    for flag in ("config", "out"):
+        if not getattr(args, flag):
+            raise UsageError(f"mmkit train: --{flag} is required")
     for name in ["max_steps", "save_every", "stop_after"]:
         v = getattr(args, name)
         if v is not None and v < (0 if name == "save_every" else 1):
@@ -69,5 +100,6 @@ def run(args) -> int:
     result = train(recipe, args.out, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     last = result.losses.get(result.step)
     loss = f", loss {last:.4f}" if last is not None else ""
-    print(f"mmkit train: {result.status} at step {result.step}{loss}; run directory {args.out}")
+    if result.is_main:
+        print(f"mmkit train: {result.status} at step {result.step}{loss}; run directory {args.out}")
     return 0

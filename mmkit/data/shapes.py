@@ -34,8 +34,9 @@ YS = ("top", "middle", "bottom")
 SIDES = (48, 64, 80, 96)  # image width/height choices (multiples of 8 for the VQ, 16 for ViT patches)
 NUM_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three"}
 # half box size as a fraction of the smaller grid-cell side; jitter of the centre likewise.
-# 2 * (0.40 + 0.02) + 1 px < 1 cell keeps a gap between objects in neighbouring cells.
-HALF = {"small": 0.28, "large": 0.40}
+# Large objects nearly fill a cell, so objects in 4-neighbouring cells never share a colour
+# (they would merge into one blob when blurred).
+HALF = {"small": 0.30, "large": 0.44}
 JITTER = 0.02
 
 
@@ -79,6 +80,19 @@ def _new_obj(rng: random.Random, x: str, y: str) -> Obj:
                round(rng.uniform(-JITTER, JITTER), 3), round(rng.uniform(-JITTER, JITTER), 3))
 
 
+def _adjacent(a: Obj, b: Obj) -> bool:
+    return abs(XS.index(a.x) - XS.index(b.x)) + abs(YS.index(a.y) - YS.index(b.y)) == 1
+
+
+def _ok(objs: list[Obj]) -> bool:
+    """Distinct (colour, shape) pairs; no same-coloured 4-neighbours."""
+    for i, a in enumerate(objs):
+        for b in objs[:i]:
+            if (a.color, a.shape) == (b.color, b.shape) or (a.color == b.color and _adjacent(a, b)):
+                return False
+    return True
+
+
 def random_scene(rng: random.Random, n_objects: int | None = None, sides=SIDES) -> Scene:
     """1-3 objects in distinct grid cells; no two objects share (colour, shape), so every
     object can be named by its colour and shape."""
@@ -89,7 +103,8 @@ def random_scene(rng: random.Random, n_objects: int | None = None, sides=SIDES) 
     for x, y in cells:
         while True:
             o = _new_obj(rng, x, y)
-            if all((o.color, o.shape) != (p.color, p.shape) for p in objs):
+            if all((o.color, o.shape) != (p.color, p.shape) and not (o.color == p.color and _adjacent(o, p))
+                   for p in objs):
                 break
         objs.append(o)
     return Scene(w, h, objs)
@@ -317,51 +332,53 @@ def _question(scene: Scene, rng: random.Random, t: str):
 # ----------------------------------------------------------------------------- edits
 
 
-def edit_scene(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
-    """One edit described in words -> (edited scene, sentence)."""
-    new = Scene(scene.width, scene.height, [Obj(**asdict(o)) for o in scene.objects])
+def _copy(scene: Scene) -> Scene:
+    return Scene(scene.width, scene.height, [Obj(**asdict(o)) for o in scene.objects])
+
+
+def _try_edit(scene: Scene, rng: random.Random, op: str) -> tuple[Scene, str] | None:
+    new = _copy(scene)
+    o = rng.choice(new.objects)
+    name = f"{o.color} {o.shape}"
     free = [(x, y) for y in YS for x in XS if (x, y) not in new.cells()]
+    if op == "recolor":
+        o.color = rng.choice([c for c in COLORS if c != o.color])
+        text = f"The {name} turns {o.color}."
+    elif op == "reshape":
+        o.shape = rng.choice([s for s in SHAPES if s != o.shape])
+        text = f"The {name} becomes {_article(o.shape)} {o.shape}."
+    elif op == "resize":
+        o.size = "small" if o.size == "large" else "large"
+        text = f"The {name} {'grows' if o.size == 'large' else 'shrinks'}."
+    elif op == "move":
+        o.x, o.y = rng.choice(free)
+        text = f"The {name} moves to the {position_name(o.x, o.y)}."
+    elif op == "add":
+        x, y = rng.choice(free)
+        p = _new_obj(rng, x, y)
+        new.objects.append(p)
+        text = f"{_article(describe(p)).capitalize()} {describe(p)} appears {position_phrase(x, y)}."
+    elif op == "remove":
+        new.objects.remove(o)
+        text = f"The {name} disappears."
+    else:
+        raise ValueError(op)
+    return (new, text) if _ok(new.objects) else None
+
+
+def edit_scene(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
+    """One edit described in words -> (edited scene, sentence); the result obeys the
+    same constraints as `random_scene`."""
     ops = ["recolor", "move", "resize", "reshape"]
-    if len(new.objects) < 3:
+    if len(scene.objects) < 3:
         ops.append("add")
-    if len(new.objects) > 1:
+    if len(scene.objects) > 1:
         ops.append("remove")
-    for _ in range(20):
-        op = rng.choice(ops)
-        o = rng.choice(new.objects)
-        name = f"{o.color} {o.shape}"
-        taken = {(p.color, p.shape) for p in new.objects if p is not o}
-        if op == "recolor":
-            c = rng.choice([c for c in COLORS if c != o.color])
-            if (c, o.shape) in taken:
-                continue
-            o.color = c
-            return new, f"The {name} turns {c}."
-        if op == "reshape":
-            s = rng.choice([s for s in SHAPES if s != o.shape])
-            if (o.color, s) in taken:
-                continue
-            o.shape = s
-            return new, f"The {name} becomes {_article(s)} {s}."
-        if op == "resize":
-            o.size = "small" if o.size == "large" else "large"
-            return new, f"The {name} {'grows' if o.size == 'large' else 'shrinks'}."
-        if op == "move":
-            o.x, o.y = rng.choice(free)
-            return new, f"The {name} moves to the {position_name(o.x, o.y)}."
-        if op == "add":
-            x, y = rng.choice(free)
-            p = _new_obj(rng, x, y)
-            if (p.color, p.shape) in {(q.color, q.shape) for q in new.objects}:
-                continue
-            new.objects.append(p)
-            return new, f"{_article(describe(p)).capitalize()} {describe(p)} appears {position_phrase(x, y)}."
-        if op == "remove":
-            new.objects.remove(o)
-            return new, f"The {name} disappears."
-    o = new.objects[0]
-    o.size = "small" if o.size == "large" else "large"
-    return new, f"The {o.color} {o.shape} {'grows' if o.size == 'large' else 'shrinks'}."
+    for _ in range(50):
+        out = _try_edit(scene, rng, rng.choice(ops))
+        if out is not None:
+            return out
+    return _try_edit(scene, rng, "resize")  # always valid
 
 
 def interleaved_doc(rng: random.Random, n_edits: int | None = None) -> tuple[list, list[Scene]]:

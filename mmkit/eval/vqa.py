@@ -277,6 +277,11 @@ def score_vqa(predictions: dict, records: list[dict], mode: str = "official",
     scored = [r for r in records if r["question_id"] in preds]
     if not scored:
         raise MmkitError("no annotated question has a prediction")
+    if mode != "exact":
+        few = [r["question_id"] for r in scored if len(r["answers"]) < 2]
+        if few:  # leave-one-out over one answer is always 0: a GQA-style set
+            raise MmkitError(f"{len(few)} questions have fewer than 2 GT answers (e.g. {few[0]!r}); "
+                             "VQA accuracy needs the 10 human answers: use --mode exact for single-answer sets")
     per_q, by_qtype, by_atype, accs = {}, {}, {}, []
     for r in scored:
         gold = r["answer"] if mode == "exact" else r["answers"]

@@ -15,8 +15,11 @@ import torch
 @torch.inference_mode()
 def reference_greedy(model, input_ids: torch.Tensor, max_new_tokens: int, *,
                      attention_mask: torch.Tensor | None = None, suppress_ids: Sequence[int] = (),
-                     eos_token_id: int | None = None, pad_token_id: int = 0) -> torch.Tensor:
-    """(B, T) left-padded prompts -> (B, <= max_new_tokens) greedy ids, recomputing everything."""
+                     eos_token_id: int | None = None, pad_token_id: int = 0, **model_kwargs) -> torch.Tensor:
+    """(B, T) left-padded prompts -> (B, <= max_new_tokens) greedy ids, recomputing everything.
+
+    `model_kwargs` (e.g. pixel_values, image_grid_thw) go to every forward.
+    """
     B = input_ids.shape[0]
     ids = input_ids.clone()
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.clone().long()
@@ -25,7 +28,7 @@ def reference_greedy(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     new = []
     for _ in range(max_new_tokens):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        logits = model(ids, attention_mask=mask, position_ids=pos, **model_kwargs).logits[:, -1].float()
         if len(suppress):
             logits[:, suppress] = float("-inf")
         tok = logits.argmax(-1)

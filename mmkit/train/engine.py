@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)  # every step this run took
     bad_steps: int = 0
     checkpoint: str | None = None
+    is_main: bool = True  # this process is the main one (prints, writes metrics)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -160,22 +162,43 @@ def train(
     out = Path(out_dir)
     ckpt_root = out / "checkpoints"
     task = get_task(recipe.task)(recipe.model, recipe.data, seed=cfg.seed, out_dir=str(out))
+    missing = [m for m in ("build_model", "batches", "loss", "save_final") if not callable(getattr(task, m, None))]
+    if missing:
+        raise MmkitError(f"task '{recipe.task}' ({type(task).__name__}) lacks {', '.join(missing)} "
+                         "(see mmkit.train.task.Task)")
+    on_optimizer_step = getattr(task, "on_optimizer_step", None) or (lambda model: None)
+    if not resume and ckpt_io.latest(ckpt_root) is not None:
+        raise UsageError(f"{out} already holds checkpoints ({ckpt_io.latest(ckpt_root).name}): pass --resume "
+                         "to continue that run, or choose a new --out")
 
     _fresh_single_process_state()
+    # Launched as N processes (torchrun / `accelerate launch --multi_gpu`) on a machine
+    # without CUDA: accelerate would fall back to N independent 1-process runs; ask it for
+    # MULTI_CPU (gloo) instead. (`accelerate launch --cpu` spawns 1 process without mpirun.)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = launched and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         log_with=list(cfg.trackers) or None,
         project_dir=str(out),
         dynamo_backend="inductor" if cfg.compile else "no",
     )
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+
+    def info(msg: str) -> None:  # status lines: stderr (stdout carries the CLI's result line)
+        if is_main:
+            print(msg, file=sys.stderr, flush=True)
+
     fsdp = accelerator.distributed_type == DistributedType.FSDP
+    info(f"mmkit train: task {recipe.task}, {world} process(es), {accelerator.distributed_type.value}, "
+                      f"device {accelerator.device.type}, mixed precision {cfg.mixed_precision}")
 
     resume_from = None
     if resume:
         resume_from = ckpt_io.latest(ckpt_root)
         if resume_from is None:
-            accelerator.print(f"mmkit train: --resume: no complete checkpoint in {ckpt_root}; starting fresh")
+            info(f"mmkit train: --resume: no complete checkpoint in {ckpt_root}; starting fresh")
     state = ckpt_io.load(resume_from, rank) if resume_from else None
     if state and state["meta"].get("world_size") != world:
         raise MmkitError(f"{resume_from} was written by {state['meta'].get('world_size')} processes, "
@@ -190,7 +213,7 @@ def train(
     model = task.build_model()
     if cfg.activation_checkpointing:
         how = enable_activation_checkpointing(model, task)
-        accelerator.print(f"mmkit train: activation checkpointing: {how}")
+        info(f"mmkit train: activation checkpointing: {how}")
     if state:
         model.load_state_dict(state["model"])  # full weights before sharding/wrapping
     if fsdp and cfg.adamw == "auto":
@@ -200,7 +223,7 @@ def train(
     # Our own LambdaLR on the raw optimizer: accelerate's scheduler wrapper would step it
     # once per process.
     scheduler = build_scheduler(optimizer.optimizer, cfg)
-    raw_model = accelerator.unwrap_model(model)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # the task's own module
 
     start_step = 0
     if state:
@@ -232,7 +255,8 @@ def train(
         accelerator.init_trackers("tensorboard")
 
     def save(step: int, reason: str) -> Path:
-        model_state = accelerator.get_state_dict(model)
+        # Keys as in build_model()'s state dict, with or without torch.compile.
+        model_state = {k.replace("_orig_mod.", ""): v for k, v in (accelerator.get_state_dict(model) or {}).items()}
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -249,18 +273,19 @@ def train(
         return path
 
     def sample(step: int) -> None:
-        if fsdp:  # parameters are sharded: a rank-0-only forward would hang
+        if fsdp or not callable(getattr(task, "sample", None)):  # FSDP: a rank-0-only forward would hang
             return
         if is_main:
             snap = _rng_snapshot()  # sampling must not change the training trajectory
             raw_model.eval()
+            (out / "samples").mkdir(exist_ok=True)
             with torch.no_grad(), accelerator.autocast():
                 task.sample(raw_model, step, str(out / "samples"))
             raw_model.train()
             _rng_restore(snap)
         accelerator.wait_for_everyone()
 
-    result = RunResult(step=start_step, status="done")
+    result = RunResult(step=start_step, status="done", is_main=is_main)
     end_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (progress and is_main),
                desc="train", dynamic_ncols=True)
@@ -304,7 +329,7 @@ def train(
             finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(gnorm))
             if finite:
                 optimizer.step()
-                task.on_optimizer_step(raw_model)
+                on_optimizer_step(raw_model)
                 bad_in_row = 0
             else:
                 result.bad_steps += 1
@@ -363,16 +388,15 @@ def train(
                 last_saved = step
     bar.close()
 
-    if last_saved != step:
-        result.checkpoint = str(save(step, result.status if result.status != "done" else "end"))
     if result.status == "done" and step < cfg.max_steps:
         result.status = "stopped"
+    if last_saved != step:
+        result.checkpoint = str(save(step, result.status if result.status != "done" else "end"))
     if result.status == "sigterm":
-        accelerator.print(f"mmkit train: SIGTERM: stopped at step {step}; checkpoint {result.checkpoint}; "
-                          "continue with --resume")
+        info(f"mmkit train: SIGTERM: stopped at step {step}; checkpoint {result.checkpoint}; continue with --resume")
     if result.status == "done":
         if fsdp:  # gather the full weights into a fresh CPU model on the main process
-            full = accelerator.get_state_dict(model)
+            full = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(model).items()}
             if is_main:
                 final_model = task.build_model()
                 final_model.load_state_dict(full)

@@ -78,7 +78,13 @@ def get_task(name: str) -> type:
     if name not in _REGISTRY:
         if name not in TASK_MODULES:
             raise UsageError(f"unknown task '{name}' (known: {', '.join(sorted(TASK_MODULES))})")
-        importlib.import_module(TASK_MODULES[name])
+        module = TASK_MODULES[name]
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and (module == e.name or module.startswith(e.name + ".")):
+                raise UsageError(f"task '{name}' is not available: its module {module} does not exist yet") from None
+            raise UsageError(f"task '{name}' cannot be imported: {e}") from None
     if name not in _REGISTRY:
         raise UsageError(f"task module {TASK_MODULES[name]} did not register task '{name}'")
     return _REGISTRY[name]

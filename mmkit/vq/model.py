@@ -46,6 +46,7 @@ class VQConfig:
     mid_attn: bool = True  # attention block at the lowest resolution (encoder and decoder)
     latent_channels: int = 64  # encoder output channels ("z_channels")
     embed_dim: int = 8  # quant_conv output = code vector dim (LlamaGen: 256 -> 8)
+    norm: Literal["group", "channel"] = "group"  # channel: per-pixel LayerNorm over channels
     norm_groups: int = 32  # GroupNorm groups (clipped to divide the channel count)
     dropout: float = 0.0
     quantizer: Literal["vq", "fsq", "lfq"] = "vq"
@@ -100,7 +101,27 @@ def preset_config(name: str = "shapes-f8", **overrides) -> VQConfig:
 # ----------------------------------------------------------------------------- layers
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels at each pixel. Unlike GroupNorm it has no spatial statistics,
+    so a model trained on small crops sees the same normalisation on full images."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):  # (B, C, H, W)
+        u = x.mean(1, keepdim=True)
+        var = (x - u).pow(2).mean(1, keepdim=True)
+        return (x - u) * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def _norm(channels: int, spec: tuple[str, int]) -> nn.Module:
+    """spec = (config.norm, config.norm_groups)."""
+    kind, groups = spec
+    if kind == "channel":
+        return ChannelNorm(channels)
     g = math.gcd(channels, groups)
     return nn.GroupNorm(num_groups=g, num_channels=channels, eps=1e-6, affine=True)
 
@@ -108,7 +129,7 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv x2 with a 1x1 shortcut when the width changes (taming layout)."""
 
-    def __init__(self, cin: int, cout: int, groups: int, dropout: float):
+    def __init__(self, cin: int, cout: int, groups: tuple[str, int], dropout: float):
         super().__init__()
         self.norm1 = _norm(cin, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
@@ -126,7 +147,7 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions (only used at low resolution)."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: tuple[str, int]):
         super().__init__()
         self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
@@ -165,7 +186,7 @@ class Upsample(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        ch, mult, g = cfg.base_channels, cfg.channel_multiplier, cfg.norm_groups
+        ch, mult, g = cfg.base_channels, cfg.channel_multiplier, (cfg.norm, cfg.norm_groups)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         cin = ch
@@ -204,7 +225,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        ch, mult, g = cfg.base_channels, cfg.channel_multiplier, cfg.norm_groups
+        ch, mult, g = cfg.base_channels, cfg.channel_multiplier, (cfg.norm, cfg.norm_groups)
         cin = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, cin, 3, padding=1)
         self.mid = nn.Module()

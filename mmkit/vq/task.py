@@ -35,6 +35,7 @@ class VQDataConfig:
     flip: bool = True  # random horizontal flips
     shuffle_buffer: int = 1000
     max_images_per_sample: int = 4  # interleaved docs hold several images; cap per doc
+    crop_tries: int = 4  # keep the busiest of this many candidate crops (1 = uniform random crop)
 
 
 def parse_model_section(model_cfg: dict, where: str = "model") -> tuple[VQConfig, VQLossConfig]:
@@ -58,10 +59,13 @@ class CropImages:
 
     Crop offsets come from a hash of (seed, key, image index): deterministic, so a resumed
     stream sees exactly the crops it would have seen. Module-level and picklable.
+
+    Of `tries` candidate crops the one with the most pixel variance is kept: flat background
+    crops teach nothing after the first steps, edges are where reconstruction error lives.
     """
 
-    def __init__(self, crop: int, flip: bool, seed: int, max_images: int):
-        self.crop, self.flip, self.seed, self.max_images = crop, flip, seed, max_images
+    def __init__(self, crop: int, flip: bool, seed: int, max_images: int, tries: int = 1):
+        self.crop, self.flip, self.seed, self.max_images, self.tries = crop, flip, seed, max_images, max(1, tries)
 
     def __call__(self, doc):
         out = []
@@ -74,13 +78,16 @@ class CropImages:
             if H < c or W < c:
                 x = torch.nn.functional.pad(x[None], (0, max(0, c - W), 0, max(0, c - H)), mode="replicate")[0]
                 _, H, W = x.shape
-            h = hashlib.blake2b(f"{self.seed}/{doc.get('__key__')}/{i}".encode(), digest_size=8).digest()
-            r = int.from_bytes(h, "little")
-            top, left = r % (H - c + 1), (r >> 20) % (W - c + 1)
-            x = x[:, top:top + c, left:left + c]
-            if self.flip and (r >> 40) & 1:
-                x = x.flip(-1)
-            out.append(x)
+            best, best_var = None, -1.0
+            for t in range(self.tries):
+                h = hashlib.blake2b(f"{self.seed}/{doc.get('__key__')}/{i}/{t}".encode(), digest_size=8).digest()
+                r = int.from_bytes(h, "little")
+                top, left = r % (H - c + 1), (r >> 20) % (W - c + 1)
+                cand = x[:, top:top + c, left:left + c]
+                var = float(cand.var()) if self.tries > 1 else 0.0
+                if var > best_var:
+                    best, best_var = (cand.flip(-1) if self.flip and (r >> 40) & 1 else cand), var
+            out.append(best)
         return torch.stack(out) if out else None
 
 
@@ -111,7 +118,7 @@ class VQTask:
             raise UsageError("vq task: no training data (set data.sources or pass --data DIR)")
         return build_stream(
             d.sources, batch_size=batch_size, collate_fn=collate_crops,
-            map_fn=CropImages(d.crop, d.flip, self.seed, d.max_images_per_sample), seed=self.seed,
+            map_fn=CropImages(d.crop, d.flip, self.seed, d.max_images_per_sample, d.crop_tries), seed=self.seed,
             rank=rank, world_size=world_size, num_workers=num_workers, decode_images=True,
             shuffle_buffer=d.shuffle_buffer, infinite=True,
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mmkit.errors import MmkitError, UsageError
+from mmkit.text.image_vocab import chameleon_code_from_name, chameleon_image_token_name
 
 # mmkit per-layer suffix -> transformers per-layer suffixes, concatenated along dim 0 in this order
 LAYER_KEYS: dict[str, list[str]] = {
@@ -42,14 +43,9 @@ BOI_NAME, EOI_NAME, IMAGE_NAME, EOT_NAME = "<racm3:break>", "<eoss>", "<image>",
 
 
 # ---------------------------------------------------------------------------------------
-# vocabulary map (IMGIMG names)
-def image_code_name(code: int) -> str:
-    """Code 123 -> 'IMGIMGBCDZ' (digits as letters A-J, one trailing char), as Meta names them."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(code)) + "Z"
-
-
-def image_code_from_name(name: str) -> int:
-    return int("".join(str(ord(c) - ord("A")) if "A" <= c <= "J" else c for c in name[len("IMGIMG"):-1]))
+# vocabulary map (IMGIMG names): the tokenizer layer's naming (mmkit.text.image_vocab)
+image_code_name = chameleon_image_token_name  # code 123 -> 'IMGIMGBCDZ'
+image_code_from_name = chameleon_code_from_name
 
 
 def image_vocabulary(vocabulary_map: dict) -> tuple[int, int]:

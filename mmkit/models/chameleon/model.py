@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from mmkit.models.chameleon.config import MmkitChameleonConfig
 from mmkit.nn import RMSNorm, StaticKVCache, SwiGLU, rope_cos_sin
+from mmkit.nn.loss import fused_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -55,8 +56,15 @@ class HeadwiseLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, hd)
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # Under autocast F.layer_norm would upcast to fp32 and the affine would run in fp32;
+            # the kernel already accumulates statistics in fp32, so stay in the matmul dtype
+            # (half the bytes, no casts). fp32 runs take the other branch (exact parity).
+            with torch.autocast(x.device.type, enabled=False):
+                x = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+                return torch.addcmul(self.bias.to(x.dtype), x, self.weight.to(x.dtype))
         x = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
-        return x * self.weight + self.bias
+        return torch.addcmul(self.bias, x, self.weight)  # x * w + b in one pass
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -86,15 +94,16 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         q, k, v = q.view(B, T, H, hd), k.view(B, T, Hkv, hd), v.view(B, T, Hkv, hd)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            # under autocast LayerNorm returns fp32; go back to the matmul dtype before RoPE so
+            # the rotation and SDPA read half the bytes (fp32 runs are unchanged: parity)
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        cos, sin = cos.to(v.dtype), sin.to(v.dtype)
+        q = torch.addcmul(q * cos, rotate_half(q), sin)
+        k = torch.addcmul(k * cos, rotate_half(k), sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k.to(cache.k.dtype), v.to(cache.v.dtype), cache_position)
             q = q.to(k.dtype)
-        elif k.dtype != v.dtype:  # autocast: LayerNorm/rope ran in fp32, v is low precision
-            q, k = q.to(v.dtype), k.to(v.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.attention_dropout if self.training else 0.0, enable_gqa=H != Hkv,
@@ -252,6 +261,9 @@ class MmkitChameleonForCausalLM(PreTrainedModel):
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)  # (B, T, hd/2) fp32
         cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # (B, 1, T, hd), computed once for all layers
         sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
+        dev = x.device.type
+        act_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
+        cos, sin = cos.to(act_dtype), sin.to(act_dtype)  # the dtype q/k have when RoPE runs
         mask, is_causal = build_attention_mask(T, start, attention_mask, doc_ids, x.device)
 
         for layer in self.model.layers:
@@ -292,16 +304,9 @@ class MmkitChameleonForCausalLM(PreTrainedModel):
             idx = valid.nonzero().squeeze(1)
             flat, target = flat.index_select(0, idx), target.index_select(0, idx)
             w = w.index_select(0, idx) if w is not None else None
-        else:  # mostly supervised: mask instead of copying rows
-            w = valid.float() if w is None else w * valid
-            target = target.clamp(min=0)
-        flat = flat.float()
-        lse = torch.logsumexp(flat, dim=-1)  # (N,)
-        ce_tok = lse - flat.gather(1, target[:, None]).squeeze(1)
-        if w is None:
-            ce, z = ce_tok.sum() / n, lse.square().sum() / n
-        else:
-            ce, z = (ce_tok * w).sum() / n, (lse.square() * w).sum() / n
+        # else: mostly supervised; ignored rows get weight 0 inside the fused loss (no row copy)
+        ce_sum, z_sum = fused_cross_entropy(flat, target, w)
+        ce, z = ce_sum / n, z_sum / n
         loss = ce + self.config.z_loss * z if self.config.z_loss else ce
         return loss, ce.detach(), z.detach()
 

@@ -25,12 +25,16 @@ class MoonViTConfig(PretrainedConfig):
     pos_emb_width: int = 64
     merge_kernel_size: list[int] | tuple[int, int] = (2, 2)
     rope_theta: float = 10000.0
+    use_rope: bool = True  # off only to reproduce a ViT initialised from open_clip at its own resolution
+    hidden_act: str = "gelu_pytorch_tanh"  # Kimi-VL; "gelu" (erf) for ViTs copied from exact-GELU models
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         self.merge_kernel_size = list(self.merge_kernel_size)
         super().__post_init__(**kwargs)
+        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"vision hidden_act must be 'gelu_pytorch_tanh' or 'gelu', got {self.hidden_act!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("vision hidden_size must be a multiple of num_attention_heads")
         if (self.hidden_size // self.num_attention_heads) % 4:

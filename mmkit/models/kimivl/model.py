@@ -47,7 +47,7 @@ class MmkitKimiVLPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["VisionBlock"]
+    _no_split_modules = ["VisionBlock", "DecoderLayer"]
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
 
     @torch.no_grad()
@@ -180,3 +180,31 @@ def register_auto() -> None:
 
 
 register_auto()
+
+
+@torch.no_grad()
+def greedy_generate(model: MmkitKimiVLForConditionalGeneration, input_ids: torch.Tensor, pixel_values=None,
+                    image_grid_thw=None, max_new_tokens: int = 16, eos_token_id: int | None = None,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Minimal greedy decoding with the latent cache (images in the prefill only); (B, <= N) new ids.
+
+    The full sampler lives in mmkit.generation; this is for tests and training samples.
+    """
+    B, T = input_ids.shape
+    dtype = next(model.parameters()).dtype
+    cache = model.make_cache(B, T + max_new_tokens, dtype=dtype, device=input_ids.device)
+    if attention_mask is not None:
+        cache.attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
+    logits = model(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw, cache=cache,
+                   cache_position=0, logits_to_keep=1).logits
+    out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)  # (B,)
+        if eos_token_id is not None:
+            nxt = nxt.masked_fill(done, eos_token_id)
+            done |= nxt == eos_token_id
+        out.append(nxt)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model(nxt[:, None], cache=cache, cache_position=T + step).logits
+    return torch.stack(out, 1)

@@ -41,9 +41,14 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(x, w, offs=offs)
 
 
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch/device/dtype has a usable grouped GEMM (REFERENCE 4)."""
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """Whether this torch/device/dtype has a usable grouped GEMM for these matrix widths (REFERENCE 4).
+
+    The kernels need every row stride to be a multiple of 16 bytes (e.g. widths % 8 in bf16).
+    """
     if not _HAS_GROUPED_MM:
+        return False
+    if any(d * torch.empty((), dtype=dtype).element_size() % 16 for d in dims):
         return False
     if device.type == "cpu":
         # torch >= 2.9 has a CPU kernel (fp32/bf16); older builds lack it and need 16-byte alignment
@@ -67,6 +72,43 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g.contiguous()
+
+
+class _DispatchRows(torch.autograd.Function):
+    """x (N, D) -> x[order // K] (S, D): each token copied to its K expert slots, sorted by expert.
+
+    Hand-written backward: the gradient is un-sorted with the inverse permutation and summed over
+    the K slots (a gather + a reshape-sum) instead of autograd's index_put with accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, order, inv, k):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv).view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """y (S, D) sorted by expert -> (N, D): un-sort and sum each token's K slots.
+
+    The exact transpose of `_DispatchRows`, so each one's backward is the other's forward.
+    """
+
+    @staticmethod
+    def forward(ctx, y, order, inv, k):
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return y.index_select(0, inv).view(-1, k, y.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (order,) = ctx.saved_tensors
+        return g.contiguous().index_select(0, torch.div(order, ctx.k, rounding_mode="floor")), None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -149,7 +191,8 @@ class GroupedExperts(nn.Module):
         """x (N, D), topk_idx/topk_weight (N, K) -> (N, D)."""
         impl = self.impl
         if impl == "auto":
-            impl = "grouped_mm" if grouped_mm_supported(x.device, _compute_dtype(x)) else "loop"
+            e, d, i = self.down_proj.shape
+            impl = "grouped_mm" if grouped_mm_supported(x.device, _compute_dtype(x), d, i) else "loop"
         if impl == "reference":
             return self.forward_reference(x, topk_idx, topk_weight)
         return self.forward_sorted(x, topk_idx, topk_weight, use_grouped_mm=impl == "grouped_mm")
@@ -160,7 +203,9 @@ class GroupedExperts(nn.Module):
         flat = topk_idx.reshape(-1)  # (S,) S = N*K
         order = torch.argsort(flat, stable=True)  # (S,) slots sorted by expert
         counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
-        xs = x.to(dtype)[order // k]  # (S, D) gathered inputs, grouped by expert
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=order.device)
+        xs = _DispatchRows.apply(x.to(dtype), order, inv, k)  # (S, D) gathered inputs, grouped by expert
         w13 = self.gate_up_proj.to(dtype).transpose(1, 2)  # (E, D, 2I) view
         w2 = self.down_proj.to(dtype).transpose(1, 2)  # (E, I, D) view
         if use_grouped_mm:
@@ -174,12 +219,8 @@ class GroupedExperts(nn.Module):
                 gate, up = (xe @ w13e).chunk(2, dim=-1)
                 outs.append((F.silu(gate) * up) @ w2e)
             ys = torch.cat(outs)  # (S, D)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel(), device=order.device)
-        ys = ys[inv].view(n, k, -1)  # (N, K, D) back in token order
-        # weighted sum over the K slots in one batched GEMM (fp32 weights rounded to compute dtype)
-        out = torch.bmm(topk_weight.to(ys.dtype).unsqueeze(1), ys).squeeze(1)  # (N, D)
-        return out
+        ws = topk_weight.reshape(-1)[order].to(ys.dtype)  # (S,) combine weights in sorted order
+        return _CombineRows.apply(ys * ws[:, None], order, inv, k)  # (N, D)
 
     def forward_reference(self, x, topk_idx, topk_weight) -> torch.Tensor:
         """Plain loop over experts (tests only): mask, gather, SwiGLU, weighted index_add."""

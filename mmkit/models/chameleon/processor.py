@@ -1,0 +1,180 @@
+"""Interleaved documents -> one token sequence over the unified vocabulary (early fusion).
+
+Text goes through the text tokenizer (ids [0, V_text)); each image becomes
+`boi [<h> <w>] (w codes [eor]) * h eoi` with code c at id `image_token_offset + c` (size
+and end-of-row tokens only for multi-resolution models, Lumina-mGPT / Emu3 manner). The
+layout is the sampler's `ImageLayout`, so what the model reads in training is exactly what
+it writes at inference. Images come as VQ codes (the `image_codes` field added by
+`mmkit data tokenize-images`) or as PIL images encoded with a VQ model.
+
+Training formats use `mmkit.data.templates` (same strings as inference):
+  vqa:         bos image "Question: q Answer:" " a" eos         (loss on " a" eos)
+  caption:     bos image "Caption:" " c" eos                    (loss on " c" eos)
+  t2i:         bos "Draw: c" image eos                          (loss on the image span + eos)
+  interleaved: bos text/image ... eos                           (loss on everything)
+Each token carries a modality (text / image) so the loss can be text-only, image-only or
+weighted per modality.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from mmkit.data import templates
+from mmkit.errors import UsageError
+
+TEXT, IMAGE = 0, 1  # modality of a target token (image = codes and the boi/eoi/row/size tokens)
+
+
+@dataclass
+class Encoded:
+    """One training sequence: ids, which tokens are supervised, their modality."""
+
+    input_ids: list[int]
+    supervised: list[bool]
+    modality: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class ChameleonProcessor:
+    """Token layout of the Chameleon family; built from a model config and a text tokenizer."""
+
+    def __init__(self, tokenizer, *, bos_token_id: int, eos_token_id: int, boi_token_id: int, eoi_token_id: int,
+                 image_token_offset: int, num_image_tokens: int, eor_token_id: int | None = None,
+                 size_token_offset: int | None = None, max_grid_size: int = 0, vq=None):
+        self.tokenizer, self.vq = tokenizer, vq
+        self.bos, self.eos, self.boi, self.eoi = bos_token_id, eos_token_id, boi_token_id, eoi_token_id
+        self.offset, self.n_codes = image_token_offset, num_image_tokens
+        self.eor, self.size_offset, self.max_grid = eor_token_id, size_token_offset, max_grid_size
+        if (self.size_offset is None) != (self.eor is None):
+            raise UsageError("multi-resolution layout needs both eor_token_id and size_token_offset")
+
+    @classmethod
+    def from_config(cls, tokenizer, config, vq=None) -> "ChameleonProcessor":
+        return cls(tokenizer, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                   boi_token_id=config.boi_token_id, eoi_token_id=config.eoi_token_id,
+                   image_token_offset=config.image_token_offset, num_image_tokens=config.num_image_tokens,
+                   eor_token_id=config.eor_token_id, size_token_offset=config.size_token_offset,
+                   max_grid_size=config.max_grid_size, vq=vq)
+
+    # -- pieces -------------------------------------------------------------------------
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def image_ids(self, codes) -> list[int]:
+        """codes (h, w) -> boi [size_h size_w] (row [eor]) * h eoi."""
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        h, w = codes.shape
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.n_codes):
+            raise UsageError(f"image code out of range [0, {self.n_codes})")
+        ids = [self.boi]
+        if self.size_offset is not None:
+            if self.max_grid and max(h, w) > self.max_grid:
+                raise UsageError(f"image grid {h}x{w} exceeds max_grid_size {self.max_grid}")
+            ids += [self.size_offset + h, self.size_offset + w]
+        rows = (codes + self.offset).tolist()
+        for row in rows:
+            ids += row + ([self.eor] if self.eor is not None else [])
+        return ids + [self.eoi]
+
+    def codes_of(self, doc: dict, i: int):
+        """Codes (h, w) of image i of a reader doc: stored `image_codes`, else the VQ encoder."""
+        stored = (doc.get("meta") or {}).get("image_codes") or doc.get("image_codes")
+        if stored and i < len(stored) and stored[i] is not None:
+            c = stored[i]
+            return torch.tensor(c["codes"], dtype=torch.long).view(c["h"], c["w"])
+        img = (doc.get("images") or [None] * (i + 1))[i]
+        if self.vq is None or img is None or isinstance(img, (bytes, bytearray)):
+            raise UsageError(f"{doc.get('__key__', 'doc')}: image {i} has no image_codes and no VQ model to encode it "
+                             "(run `mmkit data tokenize-images` or give model.vq)")
+        from mmkit.vq.task import image_to_tensor
+
+        with torch.no_grad():
+            x = image_to_tensor(img)[None].to(next(self.vq.parameters()).device)
+            return self.vq.encode(x)[0].cpu()
+
+    # -- documents ----------------------------------------------------------------------
+    def _seq(self, parts: list[tuple[list[int], bool, int]]) -> Encoded:
+        ids, sup, mod = [], [], []
+        for toks, supervised, modality in parts:
+            ids += toks
+            sup += [supervised] * len(toks)
+            mod += [modality] * len(toks)
+        return Encoded(ids, sup, mod)
+
+    def encode_interleaved(self, doc: dict) -> Encoded:
+        parts = [([self.bos], False, TEXT)]
+        for i, (text, image) in enumerate(zip(doc["texts"], doc["images"])):
+            if image is not None:
+                parts.append((self.image_ids(self.codes_of(doc, i)), True, IMAGE))
+            elif text:
+                parts.append((self.text_ids(text), True, TEXT))
+        parts.append(([self.eos], True, TEXT))
+        return self._seq(parts)
+
+    def _image_index(self, doc: dict) -> int:
+        for i, image in enumerate(doc["images"]):
+            if image is not None:
+                return i
+        raise UsageError(f"{doc.get('__key__', 'doc')}: {doc.get('kind')} sample without an image")
+
+    def encode_vqa(self, doc: dict, supervise_prompt: bool = False) -> Encoded:
+        meta = doc.get("meta") or {}
+        img = self.image_ids(self.codes_of(doc, self._image_index(doc)))
+        prompt = self.text_ids(templates.vqa_prompt(meta["question"]))
+        target = self.text_ids(templates.vqa_target(meta["answer"])) + [self.eos]
+        return self._seq([([self.bos], False, TEXT), (img, supervise_prompt, IMAGE), (prompt, supervise_prompt, TEXT),
+                          (target, True, TEXT)])
+
+    def _caption_text(self, doc: dict) -> str:
+        texts = [t for t in doc["texts"] if t]
+        if not texts:
+            raise UsageError(f"{doc.get('__key__', 'doc')}: caption sample without text")
+        return texts[0]
+
+    def encode_caption(self, doc: dict, supervise_prompt: bool = False) -> Encoded:
+        img = self.image_ids(self.codes_of(doc, self._image_index(doc)))
+        prompt = self.text_ids(templates.caption_prompt())
+        target = self.text_ids(templates.caption_target(self._caption_text(doc))) + [self.eos]
+        return self._seq([([self.bos], False, TEXT), (img, supervise_prompt, IMAGE), (prompt, supervise_prompt, TEXT),
+                          (target, True, TEXT)])
+
+    def encode_t2i(self, doc: dict, drop_condition: bool = False, supervise_prompt: bool = False) -> Encoded:
+        """Text-to-image; `drop_condition` replaces the caption by the unconditional prompt (CFG)."""
+        caption = None if drop_condition else self._caption_text(doc)
+        prompt = self.text_ids(templates.t2i_prompt(caption))
+        img = self.image_ids(self.codes_of(doc, self._image_index(doc)))
+        return self._seq([([self.bos], False, TEXT), (prompt, supervise_prompt, TEXT), (img, True, IMAGE),
+                          ([self.eos], True, TEXT)])
+
+    def encode(self, doc: dict, *, caption_tasks=("caption", "t2i"), cond_dropout: float = 0.0,
+               supervise_prompts: bool = False, rng: random.Random | None = None) -> list[Encoded]:
+        """A reader doc -> its training sequences (a caption doc gives one per caption task)."""
+        kind = doc.get("kind")
+        if kind == "interleaved":
+            return [self.encode_interleaved(doc)]
+        if kind == "vqa":
+            return [self.encode_vqa(doc, supervise_prompts)]
+        if kind == "caption":
+            out = []
+            if "caption" in caption_tasks:
+                out.append(self.encode_caption(doc, supervise_prompts))
+            if "t2i" in caption_tasks:
+                drop = cond_dropout > 0 and (rng or random).random() < cond_dropout
+                out.append(self.encode_t2i(doc, drop_condition=drop, supervise_prompt=supervise_prompts))
+            return out
+        raise UsageError(f"{doc.get('__key__', 'doc')}: unknown sample kind {kind!r}")
+
+
+def token_weights(seqs: list[Encoded], loss_on: str = "all", text_weight: float = 1.0,
+                  image_weight: float = 1.0) -> list[list[float]]:
+    """Per-token loss weights (0 = not a target) for `loss_on` in all | text | image."""
+    if loss_on not in ("all", "text", "image"):
+        raise UsageError(f"loss_on must be all, text or image (got {loss_on!r})")
+    w_mod = {TEXT: 0.0 if loss_on == "image" else text_weight, IMAGE: 0.0 if loss_on == "text" else image_weight}
+    return [[w_mod[m] if s else 0.0 for s, m in zip(e.supervised, e.modality)] for e in seqs]

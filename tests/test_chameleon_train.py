@@ -1,0 +1,211 @@
+"""Chameleon family: processor layouts, packing, the task's stream, overfitting, recipes."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmkit.data import templates
+from mmkit.data.synth import make_doc
+from mmkit.models.chameleon.config import MmkitChameleonConfig
+from mmkit.models.chameleon.model import MmkitChameleonForCausalLM
+from mmkit.models.chameleon.processor import IMAGE, TEXT, ChameleonProcessor, token_weights
+from mmkit.models.chameleon.task import ChameleonTask, EncodeDoc, PackCollate, ChameleonDataConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster, and immune to OpenMP spin-waits on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+ROOT = Path(__file__).resolve().parents[1]
+N_CODES, GRID = 32, 4
+
+
+def reader_doc(kind, i, codes_seed=0):
+    """A reader-style doc (as build_stream yields) with stored random image codes."""
+    doc, _ = make_doc(kind, i, seed=0, split="train", with_images=False)
+    g = torch.Generator().manual_seed(codes_seed * 1000 + i + {"caption": 1, "vqa": 2, "interleaved": 3}[kind] * 100)
+    codes = [None if im is None else {"h": GRID, "w": GRID,
+                                       "codes": torch.randint(0, N_CODES, (GRID * GRID,), generator=g).tolist()}
+             for im in doc["images"]]
+    meta = {k: v for k, v in doc.items() if k not in ("kind", "texts", "images")}
+    meta["image_codes"] = codes
+    return {"__key__": f"{kind}{i}", "kind": kind, "texts": doc["texts"], "images": doc["images"], "meta": meta}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mmkit.text.tokenizer import texts_from_doc, train_bpe
+
+    docs = [reader_doc(k, i) for k in ("caption", "vqa", "interleaved") for i in range(30)]
+    return train_bpe([t for d in docs for t in texts_from_doc(d)], vocab_size=300)
+
+
+def make_config(tokenizer, multires=False, **kw):
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "boi_token_id": tokenizer.convert_tokens_to_ids("<boi>"),
+           "eoi_token_id": tokenizer.convert_tokens_to_ids("<eoi>")}
+    v = len(tokenizer)
+    extra = dict(eor_token_id=tokenizer.convert_tokens_to_ids("<eor>"), size_token_offset=v + N_CODES,
+                 max_grid_size=8) if multires else {}
+    base = dict(vocab_size=v + N_CODES + (9 if multires else 0), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, image_token_offset=v, num_image_tokens=N_CODES,
+                image_grid_h=GRID, image_grid_w=GRID, max_position_embeddings=512)
+    base.update(kw)
+    return MmkitChameleonConfig(**base, **ids, **extra)
+
+
+def test_processor_formats_follow_templates(tokenizer):
+    cfg = make_config(tokenizer)
+    proc = ChameleonProcessor.from_config(tokenizer, cfg)
+    vqa = reader_doc("vqa", 0)
+    enc = proc.encode_vqa(vqa)
+    codes = torch.tensor(vqa["meta"]["image_codes"][0]["codes"]).view(GRID, GRID)
+    img = [cfg.boi_token_id] + (codes.flatten() + cfg.image_token_offset).tolist() + [cfg.eoi_token_id]
+    prompt = proc.text_ids(templates.vqa_prompt(vqa["meta"]["question"]))
+    answer = proc.text_ids(templates.vqa_target(vqa["meta"]["answer"])) + [cfg.eos_token_id]
+    assert enc.input_ids == [cfg.bos_token_id] + img + prompt + answer
+    assert enc.supervised == [False] * (1 + len(img) + len(prompt)) + [True] * len(answer)
+    # text-to-image: prompt first, loss on the image span and eos; condition dropout -> "Draw:"
+    cap = reader_doc("caption", 1)
+    t2i = proc.encode_t2i(cap)
+    draw = proc.text_ids(templates.t2i_prompt(cap["texts"][1]))
+    assert t2i.input_ids[:1 + len(draw)] == [cfg.bos_token_id] + draw
+    assert t2i.modality[1 + len(draw):-1] == [IMAGE] * (GRID * GRID + 2)
+    assert all(t2i.supervised[1 + len(draw):])
+    uncond = proc.encode_t2i(cap, drop_condition=True)
+    assert uncond.input_ids[1:1 + len(proc.text_ids(templates.t2i_prompt(None)))] == proc.text_ids("Draw:")
+    # interleaved: every text and image in order, all supervised except bos
+    inter = reader_doc("interleaved", 2)
+    e = proc.encode_interleaved(inter)
+    n_img = sum(im is not None for im in inter["images"])
+    assert e.input_ids.count(cfg.boi_token_id) == n_img and e.input_ids[-1] == cfg.eos_token_id
+    assert e.modality.count(IMAGE) == n_img * (GRID * GRID + 2) and not e.supervised[0] and all(e.supervised[1:])
+    # loss options
+    w_text, = token_weights([t2i], "text")
+    w_img, = token_weights([t2i], "image", image_weight=0.5)
+    assert sum(w_text) == 1.0  # only eos is a text target in t2i
+    assert sum(w_img) == 0.5 * (GRID * GRID + 2)
+
+
+def test_multires_layout_matches_sampler(tokenizer):
+    from mmkit.generation.sampler import image_layout_from_config
+
+    cfg = make_config(tokenizer, multires=True)
+    proc = ChameleonProcessor.from_config(tokenizer, cfg)
+    codes = torch.arange(6).view(2, 3)  # a non-square grid
+    ids = proc.image_ids(codes)
+    lay = image_layout_from_config(cfg, 2, 3)
+    it = iter((codes.flatten() + cfg.image_token_offset).tolist())
+    assert ids == [cfg.boi_token_id] + [next(it) if t == -1 else t for t in lay.template()]
+    assert ids[1:3] == [cfg.size_token_offset + 2, cfg.size_token_offset + 3]
+    assert ids.count(cfg.eor_token_id) == 2
+    assert torch.equal(lay.codes_from_span(ids[1:]), codes)
+
+
+def test_pack_collate_keeps_documents_and_targets(tokenizer):
+    cfg = make_config(tokenizer)
+    data = ChameleonDataConfig(seq_len=128, cond_dropout=0.0)
+    enc = EncodeDoc(ChameleonProcessor.from_config(tokenizer, cfg), data, seed=0)
+    items = [enc(reader_doc(k, i)) for k, i in [("vqa", 0), ("caption", 1), ("vqa", 2)]]
+    seqs = [s for it in items for s in it]
+    assert len(seqs) == 4  # a caption doc gives a captioning and a t2i sequence
+    batch = PackCollate(128, cfg.pad_token_id)(items)
+    assert batch["input_ids"].shape[1] == 128
+    real = batch["doc_ids"] >= 0
+    assert int(real.sum()) == sum(len(s) for s, _ in seqs)
+    assert int((batch["labels"] != -100).sum()) == sum(int(sum(w)) for _, w in seqs)
+    assert "loss_weights" not in batch  # all weights 0/1: the labels carry them
+    # positions restart at every document start
+    starts = (batch["position_ids"] == 0) & real
+    assert int(starts.sum()) == len(seqs)
+    assert (batch["input_ids"][starts] == cfg.bos_token_id).all()
+
+
+def test_tiny_model_overfits_shapes_documents(tokenizer):
+    """Text and image tokens of a handful of shapes-world documents -> near-zero loss."""
+    torch.manual_seed(0)
+    cfg = make_config(tokenizer, z_loss=1e-4)
+    data = ChameleonDataConfig(seq_len=256, cond_dropout=0.0)
+    enc = EncodeDoc(ChameleonProcessor.from_config(tokenizer, cfg), data, seed=0)
+    docs = [reader_doc("interleaved", 0), reader_doc("caption", 1), reader_doc("vqa", 2)]
+    batch = PackCollate(256, cfg.pad_token_id)([enc(d) for d in docs])
+    n_image_targets = int(cfg.is_image_token(batch["labels"]).sum())
+    assert n_image_targets >= 3 * GRID * GRID  # image codes are trained too (interleaved + t2i images)
+    model = MmkitChameleonForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(140):
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
+                    labels=batch["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert out.ce_loss < 0.05, float(out.ce_loss)
+    model.eval()
+    with torch.no_grad():  # greedy predictions reproduce the image codes
+        logits = model(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"]).logits
+    pred, tgt = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+    is_img = cfg.is_image_token(tgt)
+    assert (pred[is_img] == tgt[is_img]).float().mean() > 0.99
+
+
+def test_task_stream_encodes_with_vq_and_saves_self_contained_dir(tokenizer, tmp_path):
+    """The task end to end on real shards: VQ-encoded images, packed batches, loss, save_final."""
+    import mmkit
+    from mmkit.data.synth import synth
+    from mmkit.vq.model import VQConfig, VQModel
+
+    synth(tmp_path / "data", n=4, seed=0, eval_n=1, shard_size=8)
+    tok_dir, vq_dir = tmp_path / "tok", tmp_path / "vq"
+    tokenizer.save_pretrained(str(tok_dir))
+    VQModel(VQConfig(base_channels=8, channel_multiplier=[1, 1, 1, 1], latent_channels=8, embed_dim=4,
+                     codebook_size=N_CODES, norm_groups=4, mid_attn=False)).save_pretrained(vq_dir)
+    task = ChameleonTask({"text_tokenizer": str(tok_dir), "vq": str(vq_dir), "hidden_size": 64,
+                          "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2},
+                         {"sources": str(tmp_path / "data" / "train"), "vq_encode": True, "seq_len": 256,
+                          "kind_weights": {"vqa": 1.0, "caption": 1.0, "interleaved": 1.0}}, seed=0)
+    model = task.build_model()
+    assert model.config.image_grid_h == 8 and model.config.num_image_tokens == N_CODES
+    assert model.config.image_token_offset == len(tokenizer)
+    batch = next(iter(task.batches(batch_size=4)))
+    assert cfg_has_images(model.config, batch["input_ids"])
+    loss, metrics = task.loss(model, batch)
+    assert torch.isfinite(loss) and metrics["tokens"] == float((batch["doc_ids"] >= 0).sum())
+    task.save_final(model, str(tmp_path / "final"))
+    again = mmkit.load_model(tmp_path / "final")
+    assert (tmp_path / "final" / "vq" / "config.json").is_file()
+    assert (tmp_path / "final" / "tokenizer.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["input_ids"][:1, :32]).logits,
+                                   model.eval()(batch["input_ids"][:1, :32]).logits)
+
+
+def cfg_has_images(cfg, ids):
+    return bool(cfg.is_image_token(ids).any()) and bool((ids == cfg.boi_token_id).any())
+
+
+@pytest.mark.parametrize("recipe", ["chameleon-shapes.yaml", "chameleon-7b-anole.yaml"])
+def test_recipes_parse(recipe):
+    from mmkit.cli.train import load_recipe
+
+    r = load_recipe(str(ROOT / "training" / recipe), ["model.text_tokenizer=/x/tok"], data="/x/data")
+    assert r.task == "chameleon"
+    task = ChameleonTask(r.model, r.data, seed=0)  # strict parse of model/data sections
+    assert task.data.sources == "/x/data" and task.section.text_tokenizer == "/x/tok"
+    if recipe == "chameleon-7b-anole.yaml":
+        assert r.train.mixed_precision == "bf16" and r.train.activation_checkpointing
+        assert task.section.init_from and task.data.seq_len == 4096
+    else:
+        assert task.section.num_hidden_layers <= 4 and task.data.cond_dropout == 0.1
+
+
+def test_recipe_unknown_key_is_an_error():
+    from mmkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hidden_sise"):
+        ChameleonTask({"hidden_sise": 3}, {}, seed=0)

@@ -1,0 +1,128 @@
+"""Task "kimivl": recipes parse, shard batches carry the right labels, a tiny model learns VQA."""
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recipes_parse():
+    from mmkit.cli.train import load_recipe
+    from mmkit.models.kimivl.config import MmkitKimiVLConfig
+    from mmkit.models.kimivl.decoder import MoEDecoderConfig
+    from mmkit.models.kimivl.task import KimiVLTask
+
+    for name in ("kimivl-shapes.yaml", "kimivl-a3b.yaml"):
+        recipe = load_recipe(str(ROOT / "training" / name), [])
+        assert recipe.task == "kimivl"
+        task = KimiVLTask(recipe.model, recipe.data, seed=0, out_dir="unused")  # strict sections
+        text = MoEDecoderConfig.from_dict(dict(task.cfg.text, vocab_size=task.cfg.text.get("vocab_size", 1000)))
+        cfg = MmkitKimiVLConfig(vision_config=task.cfg.vision, text_config=text.to_dict())
+        assert cfg.vision_config.hidden_size % cfg.vision_config.num_attention_heads == 0
+    a3b = load_recipe(str(ROOT / "training" / "kimivl-a3b.yaml"), [])
+    v, t = a3b.model["vision"], a3b.model["text"]
+    assert v["hidden_size"] // v["num_attention_heads"] == 72 and t["n_routed_experts"] == 64
+    assert (t["kv_lora_rank"], t["num_experts_per_tok"], t["rope_theta"]) == (512, 6, 800000.0)
+    assert a3b.train.mixed_precision == "bf16" and a3b.train.activation_checkpointing
+    with pytest.raises(Exception, match="unknown key"):
+        KimiVLTask(dict(a3b.model, bogus=1), a3b.data, seed=0, out_dir="unused")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from mmkit.data.synth import synth
+    from mmkit.text.tokenizer import train_text_tokenizer
+
+    root = tmp_path_factory.mktemp("kimivl_data")
+    synth(root / "data", n=160, seed=0, eval_n=40, shard_size=80)
+    train_text_tokenizer(root / "data" / "train", root / "tok", vocab_size=600)
+    return root
+
+
+TINY = dict(
+    vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                pos_emb_height=4, pos_emb_width=4),
+    text=dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+              num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    max_len=128)
+
+
+def test_shard_batches_labels_and_balancing(shards, tmp_path):
+    from mmkit.models.kimivl.task import KimiVLTask
+
+    task = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok")),
+                      {"sources": str(shards / "data" / "train"), "shuffle_buffer": 16}, seed=0, out_dir=str(tmp_path))
+    model = task.build_model().train()
+    stream = task.batches(rank=0, world_size=1, batch_size=6, num_workers=0)
+    batch = next(iter(stream))
+    ids, labels = batch["input_ids"], batch["labels"]
+    proc = task.processor
+    assert int((ids == proc.image_token_id).sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // 4
+    # images, prompts and padding never carry loss; every target is a real token
+    assert not ((labels != -100) & ((ids == proc.image_token_id) | (ids == proc.boi_token_id))).any()
+    assert ((labels == ids) | (labels == -100)).all()
+    assert (labels != -100).any(dim=1).all()
+    loss, metrics = task.loss(model, batch)
+    loss.backward()
+    assert metrics["tokens"] == int((labels[:, 1:] != -100).sum()) and "moe/load_max" in metrics
+    moe = model.language_model.moe_layers()[0]
+    before = moe.gate.e_score_correction_bias.clone()
+    task.on_optimizer_step(model)  # balancing step moves the bias and clears the counts
+    assert not torch.equal(before, moe.gate.e_score_correction_bias)
+    assert moe.tokens_per_expert.sum() == 0
+    task.save_final(model, str(tmp_path / "final"))
+    from mmkit.models import load_model
+    from mmkit.models.kimivl.processor import KimiVLProcessor
+
+    again = load_model(tmp_path / "final")
+    assert KimiVLProcessor.from_pretrained(tmp_path / "final").image_token_id == proc.image_token_id
+    with torch.no_grad():
+        model.eval()
+        a = model(input_ids=ids, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                  attention_mask=batch["attention_mask"]).logits
+        b = again(input_ids=ids, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                  attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(a, b)
+
+
+def test_tiny_model_learns_vqa_above_majority(shards, tmp_path):
+    """Train on VQA shards for a few dozen steps; greedy answers on held-out questions beat the
+    majority answer (VQA accuracy, min(#humans agreeing / 3, 1))."""
+    from mmkit.data import templates as T
+    from mmkit.data.reader import build_stream
+    from mmkit.models.kimivl.model import greedy_generate
+    from mmkit.models.kimivl.task import KimiVLTask
+
+    torch.manual_seed(0)
+    task = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok")),
+                      {"sources": str(shards / "data" / "train"), "kinds": ["vqa"], "shuffle_buffer": 64},
+                      seed=0, out_dir=str(tmp_path))
+    model = task.build_model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    it = iter(task.batches(rank=0, world_size=1, batch_size=16, num_workers=0))
+    for _ in range(40):
+        loss, _ = task.loss(model, next(it))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        task.on_optimizer_step(model)
+    model.eval()
+    evals = [d for batch in build_stream(str(shards / "data" / "eval"), batch_size=40, collate_fn=list,
+                                         shuffle_buffer=0, infinite=False) for d in batch if d["kind"] == "vqa"]
+    proc = task.processor
+    score = 0.0
+    for d in evals:
+        enc = proc.encode([next(im for im in d["images"] if im is not None), T.vqa_prompt(d["meta"]["question"])])
+        new = greedy_generate(model, torch.tensor([enc["input_ids"]]), enc["pixel_values"], enc["image_grid_thw"],
+                              max_new_tokens=6, eos_token_id=proc.tokenizer.eos_token_id)
+        answer = T.postprocess_answer(proc.tokenizer.decode(new[0], skip_special_tokens=True))
+        score += min(1.0, sum(a == answer for a in d["meta"]["answers"]) / 3)
+    majority = Counter(d["meta"]["answer"] for d in evals).most_common(1)[0][0]
+    baseline = sum(min(1.0, sum(a == majority for a in d["meta"]["answers"]) / 3) for d in evals)
+    assert len(evals) == 40
+    assert score > baseline + 2, (score, baseline)

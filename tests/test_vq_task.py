@@ -1,0 +1,115 @@
+"""The "vq" training task: crops, loss through the task interface, GAN gradient routing."""
+
+import random
+
+import pytest
+import torch
+
+from mmkit.errors import ConfigError, UsageError
+from mmkit.train.task import get_task
+from mmkit.vq.task import CropImages, collate_crops
+
+TINY_MODEL = dict(base_channels=8, channel_multiplier=[1, 2, 2], latent_channels=8, embed_dim=4,
+                  codebook_size=16, norm_groups=4, mid_attn=False)
+
+
+def _docs(n=6):
+    from mmkit.data import shapes
+
+    rng = random.Random(0)
+    return [{"__key__": f"s{i}", "kind": "caption", "texts": ["x", None],
+             "images": [None, shapes.render(shapes.random_scene(rng, sides=(24, 32)))]} for i in range(n)]
+
+
+def test_crops_are_deterministic_and_sized():
+    crop = CropImages(crop=16, flip=True, seed=0, max_images=4)
+    docs = _docs()
+    a = collate_crops([crop(d) for d in docs])["images"]
+    b = collate_crops([crop(d) for d in docs])["images"]
+    assert a.shape == (6, 3, 16, 16) and torch.equal(a, b)
+    assert float(a.min()) >= -1 and float(a.max()) <= 1
+    small = {"__key__": "k", "images": [docs[0]["images"][1].resize((8, 8))]}
+    assert crop(small).shape == (1, 3, 16, 16)  # smaller images are edge-padded
+    assert crop({"__key__": "k", "images": [None]}) is None
+
+
+def test_task_config_is_strict():
+    cls = get_task("vq")
+    with pytest.raises(ConfigError, match="codebok_size"):
+        cls({"codebok_size": 3}, {}, seed=0, out_dir=".")
+    with pytest.raises(ConfigError, match="loss.disc_wieght"):
+        cls({"loss": {"disc_wieght": 1}}, {}, seed=0, out_dir=".")
+    with pytest.raises(UsageError, match="multiple of the downsampling"):
+        cls({}, {"crop": 12}, seed=0, out_dir=".")
+    t = cls({"preset": "f16-8192", "codebook_size": 1024}, {}, seed=0, out_dir=".")
+    assert t.vq_cfg.codebook_size == 1024 and t.vq_cfg.downsample == 16
+
+
+def test_training_smoke_loss_falls(tmp_path):
+    task = get_task("vq")({**TINY_MODEL, "loss": {"disc_weight": 0.1, "disc_start": 10, "disc_channels": 8,
+                                                  "disc_layers": 2}},
+                          {"crop": 16}, seed=0, out_dir=str(tmp_path))
+    model = task.build_model()
+    batch = collate_crops([CropImages(16, False, 0, 4)(d) for d in _docs(8)])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(30):
+        loss, metrics = task.loss(model, batch)
+        assert metrics["tokens"] == 8 * 4 * 4 and ("d_loss" in metrics) == (step >= 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        task.on_optimizer_step(model)
+        losses.append(metrics["recon"])
+    assert int(model.step) == 30
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    task.save_final(model, str(tmp_path / "final"))
+    from mmkit.vq.model import VQModel
+
+    vq = VQModel.from_pretrained(tmp_path / "final")
+    assert torch.equal(vq.encode(batch["images"]), model.vq.eval().encode(batch["images"]))
+
+
+def test_adversarial_terms_reach_only_their_side():
+    """One backward of the summed loss == generator grads from G terms, disc grads from the hinge D loss."""
+    import torch.nn.functional as F
+
+    task = get_task("vq")({**TINY_MODEL, "loss": {"disc_weight": 0.5, "disc_channels": 8, "disc_layers": 2}},
+                          {"crop": 16}, seed=0, out_dir=".")
+    model = task.build_model().eval()  # eval: no EMA update, the forward is repeatable
+    x = collate_crops([CropImages(16, False, 0, 4)(d) for d in _docs(4)])["images"]
+    loss, _, _ = model(x)
+    loss.backward()
+    d_grad = {n: p.grad.clone() for n, p in model.disc.named_parameters()}
+    model.zero_grad()
+    recon, _, _ = model.vq(x)
+    d_loss = 0.5 * (F.relu(1 - model.disc(x)).mean() + F.relu(1 + model.disc(recon.detach())).mean())
+    d_loss.backward()
+    for n, p in model.disc.named_parameters():
+        torch.testing.assert_close(d_grad[n], p.grad, msg=n)
+    # the generator does get an adversarial gradient
+    model.zero_grad()
+    (-model.disc(model.vq(x)[0]).mean()).backward()
+    assert model.vq.decoder.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_perceptual_loss_only_from_local_weights(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    from mmkit.vq.losses import VGGPerceptual
+
+    with pytest.raises(UsageError, match="no such file"):
+        get_task("vq")({**TINY_MODEL, "loss": {"perceptual_weights": str(tmp_path / "vgg.safetensors")}},
+                       {"crop": 16}, seed=0, out_dir=".").build_model()
+    torch.manual_seed(0)
+    feats = torchvision.models.vgg16(weights=None).features
+    save_file({f"features.{k}": v.contiguous() for k, v in feats.state_dict().items()}, str(tmp_path / "vgg.safetensors"))
+    p = VGGPerceptual(str(tmp_path / "vgg.safetensors"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert float(p(x, x)) == 0.0 and float(p(x, x.flip(-1))) > 0
+    assert not any(q.requires_grad for q in p.parameters())
+    model = get_task("vq")({**TINY_MODEL, "loss": {"perceptual_weights": str(tmp_path / "vgg.safetensors")}},
+                           {"crop": 16}, seed=0, out_dir=".").build_model()
+    loss, _, metrics = model(x)
+    assert metrics["perceptual"] > 0 and torch.isfinite(loss)
