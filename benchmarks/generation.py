@@ -116,16 +116,32 @@ def main() -> int:
             for _ in range(reps):
                 dt, _ = timed(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, lins)], device)
                 t_floor.append(dt)
+            # prompt-lookup decoding (exact greedy): drafts copied from earlier text, verified k at a time
+            run_pl = lambda st=None: generate(ours, prompt, n_text, eos_token_id=[], prompt_lookup=4,  # noqa: E731
+                                              stats=st)
+            run_pl()
+            t_pl, st = [], {}
+            for _ in range(reps):
+                dt, c = timed(run_pl, device)
+                t_pl.append(dt)
+            run_pl(st)
         same = bool(torch.equal(a, b))
+        same_pl = bool(torch.equal(a, c))
         name = str(dtype).replace("torch.", "")
         floor_tps = 1.0 / statistics.median(t_floor)
+        pl_tps = n_text / statistics.median(t_pl)
         hf_tps, ours_tps = n_text / statistics.median(t_hf), n_text / statistics.median(t_ours)
         res[f"greedy_b1_{name}"] = {"transformers_tok_s": hf_tps, "mmkit_tok_s": ours_tps,
                                     "speedup": ours_tps / hf_tps, "tokens_identical": same, "new_tokens": n_text,
-                                    "weights_matvec_floor_tok_s": floor_tps}
+                                    "weights_matvec_floor_tok_s": floor_tps, "prompt_lookup_tok_s": pl_tps,
+                                    "prompt_lookup_forwards": st.get("forwards"),
+                                    "prompt_lookup_tokens_identical": same_pl}
         rows.append((f"batch-1 greedy decode, {name}", f"{hf_tps:.1f} tok/s", f"{ours_tps:.1f} tok/s",
                      f"{ours_tps / hf_tps:.2f}x", ("tokens identical" if same else "tokens differ") +
                      f"; weight-read floor {floor_tps:.0f} tok/s"))
+        rows.append((f"batch-1 greedy + prompt lookup k=4, {name}", f"{hf_tps:.1f} tok/s", f"{pl_tps:.1f} tok/s",
+                     f"{pl_tps / hf_tps:.2f}x", ("tokens identical" if same_pl else "tokens differ") +
+                     f"; {st.get('forwards')} forwards for {n_text} tokens"))
     r32, r16 = res["greedy_b1_float32"], res["greedy_b1_bfloat16"]
     res["greedy_b1_mmkit_bf16_vs_transformers_fp32"] = r16["mmkit_tok_s"] / r32["transformers_tok_s"]
     rows.append(("batch-1 greedy: mmkit bf16 vs transformers fp32 (default)", f"{r32['transformers_tok_s']:.1f} tok/s",

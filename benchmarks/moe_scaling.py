@@ -54,8 +54,10 @@ def main(argv=None):
         else:
             del hf
 
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+
     def step(key, model):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = opts[key]
         t0 = time.perf_counter()
         with torch.autocast(dev, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss

@@ -92,9 +92,11 @@ def chameleon_reference(quick: bool) -> dict:
     ours = from_chameleon_vqvae(hf)
     x = torch.rand(1, 3, res, res) * 2 - 1
     same = bool(torch.equal(hf.encode(x).image_tokens.view(1, res // 16, res // 16), ours.encode(x)))
-    mt = 1.0 if quick else 5.0
-    ref = _throughput(lambda t: hf.encode(t).image_tokens, x, mt)
-    mine = _throughput(ours.encode, x, mt)
+    mt = 1.0 if quick else 3.0
+    ref = mine = 0.0
+    for _ in range(3):  # alternate and keep the best of each: fair under a noisy shared machine
+        ref = max(ref, _throughput(lambda t: hf.encode(t).image_tokens, x, mt))
+        mine = max(mine, _throughput(ours.encode, x, mt))
     return {"resolution": res, "codes_equal": same, "transformers_encode_img_s": round(ref, 3),
             "mmkit_encode_img_s": round(mine, 3), "ratio_mmkit_over_transformers": round(mine / ref, 2)}
 

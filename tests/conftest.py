@@ -1,14 +1,17 @@
-"""Shared test setup: one torch thread per xdist worker (2 workers on 2 cores), seeded RNG."""
+"""Shared test setup: one torch thread per process, seeded RNG, shared shapes-world data.
+
+Tests use tiny models, for which one thread is faster than two and immune to OpenMP
+spin-waits when the cores are busy (2 xdist workers run on the 2 cores).
+"""
 
 import os
 
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 
-    torch.set_num_threads(1)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

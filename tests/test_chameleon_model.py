@@ -284,3 +284,16 @@ def test_fused_cross_entropy_matches_reference(dtype):
     torch.testing.assert_close(ce / n + 0.1 * z / n, ref)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(logits.grad.float(), ref_logits.grad, atol=tol, rtol=tol)
+
+
+def test_activation_checkpointing_same_gradients():
+    model = MmkitChameleonForCausalLM(tiny_cfg(dropout=0.0))
+    ids = mixed_ids()
+    model(ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.gradient_checkpointing
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-5)

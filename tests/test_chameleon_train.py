@@ -1,6 +1,5 @@
 """Chameleon family: processor layouts, packing, the task's stream, overfitting, recipes."""
 
-import random
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,8 @@ from mmkit.data import templates
 from mmkit.data.synth import make_doc
 from mmkit.models.chameleon.config import MmkitChameleonConfig
 from mmkit.models.chameleon.model import MmkitChameleonForCausalLM
-from mmkit.models.chameleon.processor import IMAGE, TEXT, ChameleonProcessor, token_weights
-from mmkit.models.chameleon.task import ChameleonTask, EncodeDoc, PackCollate, ChameleonDataConfig
+from mmkit.models.chameleon.processor import IMAGE, ChameleonProcessor, token_weights
+from mmkit.models.chameleon.task import ChameleonDataConfig, ChameleonTask, EncodeDoc, PackCollate
 
 
 @pytest.fixture(autouse=True)

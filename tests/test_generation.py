@@ -239,3 +239,22 @@ def test_bad_arguments_are_usage_errors():
         generate(model, ids, 4, mode="video")
     with pytest.raises(UsageError):
         generate(model, ids, 4, cfg_scale=2.0)
+
+
+def test_prompt_lookup_equals_plain_greedy():
+    model = tiny_chameleon()
+    saved = 0
+    for seed in range(3):
+        s = prompts([9], seed=10 + seed)[0]
+        ids = torch.tensor([s + s[1:] + s[1:]])  # a repeated prompt gives the lookup something to copy
+        plain = generate(model, ids, 40, eos_token_id=[])
+        st = {}
+        fast = generate(model, ids, 40, eos_token_id=[], prompt_lookup=4, stats=st)
+        assert torch.equal(plain, fast) and st["tokens"] == 40
+        saved += 39 - st["forwards"]
+    assert saved > 0  # drafts were accepted: fewer forwards than tokens
+    biased = Biased(model, {EOS: 3.0})  # stops at eos exactly like the plain loop
+    ids = torch.tensor([prompts([6], seed=20)[0]])
+    assert torch.equal(generate(biased, ids, 30, prompt_lookup=3), generate(biased, ids, 30))
+    with pytest.raises(Exception, match="batch-1 greedy"):
+        generate(model, torch.cat([ids, ids]), 5, prompt_lookup=2)

@@ -51,7 +51,7 @@ def test_greedy_equals_transformers_generate(tmp_path, swin, kv):
     ids = torch.cat([torch.tensor([[1]]), torch.randint(80, V, (1, 9), generator=g)], 1)
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=24, do_sample=False)[:, ids.shape[1]:]
-    new = generate(ours, ids, 24)
+    new = mmkit.generate(ours, ids, max_new_tokens=24, do_sample=False)  # the top-level entry point
     assert torch.equal(new, ref[:, :new.shape[1]])
     assert new.shape[1] == ref.shape[1] or int(new[0, -1]) == 2
 

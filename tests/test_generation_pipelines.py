@@ -174,6 +174,7 @@ def test_kimivl_pipeline_answer_matches_generate(tmp_path, tokenizer):
     batched = pipe.answer(imgs, qs)
     assert batched == [pipe.answer([im], [q])[0] for im, q in zip(imgs, qs)]
     assert len(pipe.caption(imgs[:1])) == 1
+    assert isinstance(pipe.generate_text("Caption:", images=imgs[:1], max_new_tokens=3), str)
     from mmkit.errors import UsageError
 
     with pytest.raises(UsageError):

@@ -212,3 +212,34 @@ def test_auto_classes_and_peft_lora(tmp_path):
     out.loss.backward()
     grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_activation_checkpointing_same_gradients():
+    model = _tiny_model().train()
+    ids, pv, grids = _inputs(GRIDS[:2])
+    labels = ids.masked_fill(ids == IMG, -100)
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, pixel_values=pv, image_grid_thw=grids, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads()
+    model.enable_activation_checkpointing()
+    got = grads()
+    assert ref.keys() == got.keys() and len(ref) > 20
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-6
+
+
+@pytest.mark.parametrize("out_hw", [(3, 7), (4, 4), (10, 6), (13, 2)])
+def test_position_grid_resampling_equals_bicubic_interpolate(out_hw):
+    from mmkit.models.kimivl.vision import MoonViT
+    from mmkit.models.kimivl.config import MoonViTConfig
+
+    vit = MoonViT(MoonViTConfig(hidden_size=8, num_hidden_layers=0, num_attention_heads=2, pos_emb_height=4,
+                                pos_emb_width=5))
+    table = vit.patch_embed.pos_emb.weight  # (4, 5, 8)
+    ref = torch.nn.functional.interpolate(table.permute(2, 0, 1)[None], size=out_hw, mode="bicubic",
+                                          align_corners=False)[0].permute(1, 2, 0).reshape(-1, 8)
+    ours = vit.patch_embed.position_embeddings([out_hw])
+    assert (ours - ref).abs().max().item() < 1e-6

@@ -128,3 +128,20 @@ def test_training_loss_aux_and_expert_load():
     model.update_balancing_bias()
     assert model.model.expert_counts().sum().item() == 0
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_torch(dtype):
+    from mmkit.models.kimivl.decoder import causal_lm_loss
+
+    logits = (torch.randn(2, 150, 300) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 300, (2, 150))
+    labels[0, :9] = -100
+    loss = causal_lm_loss(logits, labels)
+    (grad,) = torch.autograd.grad(loss * 1.7, logits)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 300).float(), labels[:, 1:].reshape(-1))
+    (grad_ref,) = torch.autograd.grad(ref * 1.7, logits)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), grad_ref.float(), atol=1e-6, rtol=1e-2)
+    assert grad[0, :8].abs().sum() == 0  # ignored targets get no gradient

@@ -127,13 +127,14 @@ def test_fresh_run_into_a_used_directory_is_refused(recipe_file, tmp_path, capsy
     out = tmp_path / "run"
     # overrides and flags interleaved, as users type them
     args = ["train", "--config", str(recipe_file), "model.dim=16", "--out", str(out), "--no-progress",
-            "--max-steps", "2", "train.log_every=2"]
+            "--max-steps", "2", "train.log_every=2", "train.mixed_precision=no"]  # YAML: no -> False
     assert main(args) == 0
     assert (out / "final" / "model.safetensors").is_file()
     import yaml
 
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert (saved["model"]["dim"], saved["train"]["max_steps"], saved["train"]["log_every"]) == (16, 2, 2)
+    assert saved["train"]["mixed_precision"] == "no"
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [2]
     capsys.readouterr()
     assert main(args) == 2

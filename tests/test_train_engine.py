@@ -215,3 +215,25 @@ def test_bf16_autocast_and_task_metrics(tmp_path):
     assert DtypeTask.seen == [torch.bfloat16] * 3 and all(math.isfinite(v) for v in res.losses.values())
     assert read_metrics(tmp_path)[0]["extra_metric"] == 2.0
     assert next(ToyLM.from_pretrained(tmp_path / "final").parameters()).dtype == torch.float32
+
+
+def test_activation_checkpointing_uses_transformers_hook():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    ref = LlamaForCausalLM(cfg)
+    ac = LlamaForCausalLM(cfg)
+    ac.load_state_dict(ref.state_dict())
+    assert enable_activation_checkpointing(ac, object()) == "transformers"
+    assert all(layer.gradient_checkpointing for layer in ac.model.layers)
+    ac.train()
+    ref.train()
+    ids = torch.randint(0, 64, (2, 12))
+    l_ref = ref(input_ids=ids, labels=ids).loss
+    l_ac = ac(input_ids=ids, labels=ids).loss
+    l_ref.backward()
+    l_ac.backward()
+    torch.testing.assert_close(l_ac, l_ref, rtol=0, atol=0)
+    for (n, a), b in zip(ref.named_parameters(), ac.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=n)

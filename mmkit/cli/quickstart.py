@@ -25,7 +25,11 @@ def run(args) -> int:
         if bad:
             raise UsageError(f"unknown stage '{bad[0]}' (stages: {', '.join(STAGES)})")
     run_quickstart(args.out, scale=args.scale, smoke=args.smoke, only=args.stages)
-    res = json.loads((__import__("pathlib").Path(args.out) / "results.json").read_text())
+    res_file = __import__("pathlib").Path(args.out) / "results.json"
+    if not res_file.exists():  # --stages without the report stage
+        print(f"[quickstart] stages done under {args.out} (no report yet: run the 'report' stage)")
+        return 0
+    res = json.loads(res_file.read_text())
     print(f"[quickstart] report: {args.out}/report.html  results: {args.out}/results.json  "
           f"(pipeline time {res.get('wall_time_s')} s)")
     return 0

@@ -249,7 +249,7 @@ class KimiVLPipeline(_TextMixin):
     def device(self):
         return next(self.model.parameters()).device
 
-    def _run(self, rows: list[list]) -> list[str]:
+    def _run(self, rows: list[list], max_new_tokens: int | None = None) -> list[str]:
         from mmkit.models.kimivl.processor import collate_left_padded
 
         out: list[str] = []
@@ -261,7 +261,7 @@ class KimiVLPipeline(_TextMixin):
             if "pixel_values" in enc:
                 extra = dict(pixel_values=enc["pixel_values"].to(self.device, dtype),
                              image_grid_thw=enc["image_grid_thw"].to(self.device))
-            new = generate(self.model, enc["input_ids"].to(self.device), self.max_new_tokens,
+            new = generate(self.model, enc["input_ids"].to(self.device), max_new_tokens or self.max_new_tokens,
                            attention_mask=enc["attention_mask"].to(self.device), do_sample=p.do_sample,
                            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                            repetition_penalty=p.repetition_penalty, seed=list(idx), suppress_tokens=self._no_image,
@@ -270,9 +270,7 @@ class KimiVLPipeline(_TextMixin):
         return out
 
     def generate_text(self, prompt: str, images: Sequence = (), max_new_tokens: int | None = None) -> str:
-        if max_new_tokens:
-            self.max_new_tokens = max_new_tokens
-        return self._run([[_open_image(im) for im in images] + [prompt]])[0]
+        return self._run([[_open_image(im) for im in images] + [prompt]], max_new_tokens)[0]
 
     def answer(self, images, questions) -> list[str]:
         if len(images) != len(questions):

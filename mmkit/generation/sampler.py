@@ -24,7 +24,6 @@ Classifier-free guidance batches the conditional and unconditional streams in on
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -47,7 +46,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0 = off (CTRL / transformers semantics)
 
     def __post_init__(self):
-        if self.temperature <= 0:
+        if self.do_sample and self.temperature <= 0:
             raise UsageError(f"temperature must be > 0 (got {self.temperature}); use do_sample=False for greedy")
         if self.top_k < 0:
             raise UsageError(f"top_k must be >= 0 (got {self.top_k})")
@@ -265,6 +264,8 @@ def generate(
     cache_dtype: torch.dtype | None = None,
     progress: bool | Any = False,
     compile: bool = False,
+    prompt_lookup: int = 0,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` per row; returns the new ids (B, <= max_new_tokens).
 
@@ -286,6 +287,10 @@ def generate(
     progress: True or a tqdm instance to show a progress bar.
     compile: run the decode steps through `torch.compile(model, dynamic=True)` (compiled once
       per model and kept; removes most per-layer Python overhead, worth it for long runs).
+    prompt_lookup: k > 0 enables prompt-lookup decoding (batch-1 greedy text): up to k draft
+      tokens copied from the latest earlier occurrence of the last n-gram are verified in one
+      forward; output equals plain greedy (up to float rounding of a k+1-token forward).
+    stats: if a dict, filled with {"forwards": decode forwards run, "tokens": tokens made}.
     """
     cfg = model.config
     if input_ids.dim() != 2:
@@ -348,8 +353,10 @@ def generate(
         mask = torch.zeros((2 * B, Tm), dtype=torch.long, device=device)
         ids[:B, Tm - T:], mask[:B, Tm - T:] = input_ids, attention_mask
         ids[B:, Tm - u_ids.shape[1]:], mask[B:, Tm - u_ids.shape[1]:] = u_ids, u_mask
+    if prompt_lookup and (B != 1 or use_cfg or mode != "text" or do_sample or repetition_penalty != 1.0):
+        raise UsageError("prompt_lookup works for batch-1 greedy text generation without repetition penalty")
     R, T0 = ids.shape
-    max_len = T0 + budget
+    max_len = T0 + budget + max(prompt_lookup, 0)
     dtype = cache_dtype or next(model.parameters()).dtype
     cache = model.make_cache(R, max_len, dtype, device)
     full_mask = torch.ones((R, max_len), dtype=torch.long, device=device)
@@ -399,6 +406,8 @@ def generate(
         seen = torch.zeros((B, V), dtype=torch.long, device=device)
         seen.scatter_add_(1, input_ids, attention_mask)
         seen = seen > 0
+    if prompt_lookup:
+        return _lookup_greedy(model, ids, logits, cache, budget, prompt_lookup, text_mask, stops, pad, stats)
     same_params = img_params == text_params or layout is None or mode == "image"
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop_t = torch.tensor(stops or [-1], dtype=torch.long, device=device)
@@ -439,7 +448,62 @@ def generate(
         next_pos = next_pos + 1
     if bar is not None and bar is not progress:
         bar.close()
+    if stats is not None:
+        stats.update(forwards=max(n - 1, 0), tokens=n)
     return out[:, :n]
+
+
+def _draft(seq: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of seq's last n-gram (n = 3, 2, 1)."""
+    L = len(seq)
+    for n in range(min(max_ngram, L - 1), 0, -1):
+        tail = seq[L - n:]
+        for start in range(L - n - 1, -1, -1):  # latest match first
+            if seq[start:start + n] == tail:
+                return seq[start + n:start + n + k]
+    return []
+
+
+def _lookup_greedy(model, ids, logits, cache, budget, k, text_mask, stops, pad, stats):
+    """Prompt-lookup decoding (batch 1, greedy): verify copied drafts k at a time.
+
+    Why: a CPU decode step is bound by reading the weights, so a forward over 1 + k tokens
+    costs about one token's time; every accepted draft token is a forward saved. The cache
+    keeps entries of rejected drafts past the accepted prefix, but the next forward writes
+    over them before anything reads them (attention only sees [0, cache_position + T_new)).
+    """
+    device = ids.device
+    seq = ids[0].tolist()
+    stop_set = set(stops)
+
+    def pick(lg):  # (T, V) -> greedy ids with the text mask
+        lg = lg.float()
+        if text_mask is not None:
+            lg = lg.masked_fill(text_mask, NEG_INF)
+        return lg.argmax(-1).tolist()
+
+    out = [pick(logits)[0]]
+    pos = ids.shape[1]  # cache position (and RoPE position: no padding at batch 1) of out[-1]
+    forwards = 0
+    while len(out) < budget and out[-1] not in stop_set:
+        draft = _draft(seq + out, min(k, budget - len(out) - 1))
+        inp = torch.tensor([[out[-1]] + draft], device=device)
+        T_new = inp.shape[1]
+        lg = model(inp, position_ids=torch.arange(pos, pos + T_new, device=device)[None], attention_mask=None,
+                   cache=cache, cache_position=pos).logits[0]  # (T_new, V)
+        forwards += 1
+        preds = pick(lg)
+        n_acc = 0
+        while n_acc < len(draft) and draft[n_acc] == preds[n_acc]:
+            n_acc += 1
+        pos += n_acc + 1
+        for t in preds[:n_acc + 1]:
+            out.append(t)
+            if t in stop_set or len(out) == budget:
+                break
+    if stats is not None:
+        stats.update(forwards=forwards, tokens=len(out))
+    return torch.tensor([out], dtype=torch.long, device=device)
 
 
 def _compiled(model):
@@ -464,8 +528,3 @@ def _progress(progress, total):
         return tqdm(total=total, unit="tok", leave=False)
     return progress
 
-
-def params_from(**kw) -> SamplingParams:
-    """SamplingParams from keyword arguments, ignoring None values (CLI helper)."""
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    return SamplingParams(**{k: v for k, v in kw.items() if k in fields and v is not None})

@@ -36,18 +36,33 @@ from mmkit.errors import MmkitError, UsageError
 STAGES = ["data", "text_tok", "vq", "codes", "chameleon", "kimivl", "generate", "evaluate", "report"]
 
 
+# Per-stage recipe overrides of the default (CPU-minutes) run, passed to `mmkit train` as
+# key=value. Why these sizes: the 15-minute budget on 2 CPU cores. The Chameleon recipe's
+# 4 x 256 model on 512-token rows costs ~3.5 s/step; 4 x 128 on 256-token rows (a VQA doc is
+# ~64 codes + ~20 text tokens) is ~4x cheaper per step, so it can take enough steps to learn.
+# Long interleaved documents are weighted down: the goals are VQA, captions and text-to-image.
+CHAMELEON_OVERRIDES = ["model.hidden_size=128", "model.intermediate_size=344", "data.seq_len=256",
+                       "train.lr=3e-3", "train.warmup=20", "train.log_every=25", "train.save_every=0",
+                       "data.kind_weights={vqa: 3.0, caption: 2.0, interleaved: 0.5}"]
+KIMIVL_OVERRIDES: list[str] = []
+VQ_OVERRIDES: list[str] = []
+
+
 @dataclasses.dataclass
 class Plan:
     """Sizes of one quickstart run; `--scale` multiplies, `--smoke` shrinks to a wiring run."""
 
-    n_train: int = 3000          # documents per kind in the train split
-    n_eval: int = 300            # documents per kind in the held-out split
+    n_train: int = 1200          # documents per kind in the train split
+    n_eval: int = 100            # documents per kind in the held-out split (= VQA questions scored)
     vq_steps: int = 0            # 0 = the recipe's own value
-    chameleon_steps: int = 0
+    chameleon_steps: int = 300
     kimivl_steps: int = 0
     eval_limit: int | None = None
     n_t2i_images: int = 8        # images in the generation grid
     smoke: bool = False
+    vq_overrides: list[str] = dataclasses.field(default_factory=lambda: list(VQ_OVERRIDES))
+    chameleon_overrides: list[str] = dataclasses.field(default_factory=lambda: list(CHAMELEON_OVERRIDES))
+    kimivl_overrides: list[str] = dataclasses.field(default_factory=lambda: list(KIMIVL_OVERRIDES))
 
     @classmethod
     def make(cls, scale: float, smoke: bool) -> "Plan":
@@ -55,12 +70,24 @@ class Plan:
             return cls(n_train=48, n_eval=16, vq_steps=4, chameleon_steps=4, kimivl_steps=4,
                        eval_limit=8, n_t2i_images=2, smoke=True)
         p = cls()
-        p.n_train = int(p.n_train * scale)
-        p.n_eval = int(p.n_eval * max(1.0, scale ** 0.5))
+        if scale != 1.0:
+            root = recipes_root()
+            p.n_train = int(p.n_train * scale)
+            p.n_eval = int(p.n_eval * max(1.0, scale ** 0.5))
+            p.vq_steps = max(1, int((p.vq_steps or _recipe_steps(root / "tokenizers/vq-shapes.yaml")) * scale))
+            p.chameleon_steps = max(1, int(p.chameleon_steps * scale))
+            p.kimivl_steps = max(1, int((p.kimivl_steps or _recipe_steps(root / "training/kimivl-shapes.yaml"))
+                                        * scale))
         return p
 
     def key(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _recipe_steps(path: Path) -> int:
+    from mmkit.config import read_yaml
+
+    return int(read_yaml(path)["train"]["max_steps"])
 
 
 def recipes_root() -> Path:
@@ -174,7 +201,8 @@ class Quickstart:
                 "steps": len(losses)}
 
     def stage_vq(self) -> dict:
-        res = self._train("tokenizers/vq-shapes.yaml", self.out / "vq", self.data / "train", self.plan.vq_steps, [])
+        res = self._train("tokenizers/vq-shapes.yaml", self.out / "vq", self.data / "train", self.plan.vq_steps,
+                          list(self.plan.vq_overrides))
         report = json.loads(_cli(["tokenizer", "eval-vq", "--model", self.final("vq"), "--data", self.data / "eval",
                                   "--json"], capture=True))
         res.update({k: report[k] for k in ("psnr", "ssim", "codebook_usage", "perplexity")})
@@ -189,11 +217,13 @@ class Quickstart:
     def stage_chameleon(self) -> dict:
         return self._train("training/chameleon-shapes.yaml", self.out / "chameleon", self.data / "train_codes",
                            self.plan.chameleon_steps,
-                           [f"model.text_tokenizer={self.out / 'text_tokenizer'}", f"model.vq={self.final('vq')}"])
+                           [f"model.text_tokenizer={self.out / 'text_tokenizer'}", f"model.vq={self.final('vq')}"]
+                           + list(self.plan.chameleon_overrides))
 
     def stage_kimivl(self) -> dict:
         return self._train("training/kimivl-shapes.yaml", self.out / "kimivl", self.data / "train",
-                           self.plan.kimivl_steps, [f"model.text_tokenizer={self.out / 'text_tokenizer'}"])
+                           self.plan.kimivl_steps, [f"model.text_tokenizer={self.out / 'text_tokenizer'}"]
+                           + list(self.plan.kimivl_overrides))
 
     def stage_generate(self) -> dict:
         from mmkit.quickstart.samples import generate_samples

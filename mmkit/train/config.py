@@ -31,7 +31,8 @@ class TrainConfig:
     min_lr: float = 0.1  # floor of cosine/wsd decay, as a ratio of `lr`
     decay_frac: float = 0.2  # wsd: fraction of max_steps spent in the final decay
     clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
-    mixed_precision: Literal["no", "bf16"] = "no"
+    # bool too: YAML 1.1 reads a bare `no` as false
+    mixed_precision: Literal["no", "bf16"] | bool = "no"
     activation_checkpointing: bool = False
     compile: bool = False
     num_workers: int = 0
@@ -44,6 +45,10 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self):
+        if self.mixed_precision is False:
+            self.mixed_precision = "no"
+        elif self.mixed_precision is True:
+            raise ValueError("train.mixed_precision: say which, 'bf16' (or 'no')")
         positive = ["batch_size", "grad_accum", "max_steps", "log_every", "keep_last", "max_bad_steps"]
         for name in positive:
             if getattr(self, name) < 1:

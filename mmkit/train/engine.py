@@ -53,8 +53,19 @@ def enable_activation_checkpointing(model: nn.Module, task: Any) -> str:
         task.enable_activation_checkpointing(model)
         return "task"
     if getattr(model, "supports_gradient_checkpointing", False) and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return "transformers"
+        # transformers 5 renamed it activation_checkpointing_enable (the old name warns); a
+        # model that overrides the old name keeps it as its entry point.
+        inherited = type(model).gradient_checkpointing_enable.__qualname__.startswith("PreTrainedModel.")
+        try:
+            if inherited and hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return "transformers"
+        except TypeError as e:  # a model's hook written for another transformers version
+            fallback = f"; transformers hook failed: {e}"
+    else:
+        fallback = ""
     from torch.utils.checkpoint import checkpoint
 
     lists, wrapped = [], 0
@@ -72,7 +83,7 @@ def enable_activation_checkpointing(model: nn.Module, task: Any) -> str:
     if not wrapped:
         raise UsageError("train.activation_checkpointing: the model has no nn.ModuleList of blocks to "
                          "checkpoint and the task defines no enable_activation_checkpointing(model)")
-    return f"generic ({wrapped} blocks)"
+    return f"generic ({wrapped} blocks{fallback})"
 
 
 def _fresh_single_process_state() -> None:

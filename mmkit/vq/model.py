@@ -39,15 +39,15 @@ class VQConfig:
 
     in_channels: int = 3
     resolution: int = 64  # nominal training resolution (any multiple of `downsample` works)
-    base_channels: int = 32
-    channel_multiplier: list[int] = field(default_factory=lambda: [1, 2, 2, 4])  # f = 2**(len-1)
+    base_channels: int = 16
+    channel_multiplier: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # f = 2**(len-1)
     num_res_blocks: int = 1
     attn_levels: list[int] = field(default_factory=list)  # encoder levels (0 = full res) with attention
     mid_attn: bool = True  # attention block at the lowest resolution (encoder and decoder)
-    latent_channels: int = 64  # encoder output channels ("z_channels")
+    latent_channels: int = 32  # encoder output channels ("z_channels")
     embed_dim: int = 8  # quant_conv output = code vector dim (LlamaGen: 256 -> 8)
     norm: Literal["group", "channel"] = "group"  # channel: per-pixel LayerNorm over channels
-    norm_groups: int = 32  # GroupNorm groups (clipped to divide the channel count)
+    norm_groups: int = 8  # GroupNorm groups (clipped to divide the channel count)
     dropout: float = 0.0
     quantizer: Literal["vq", "fsq", "lfq"] = "vq"
     codebook_size: int = 512
@@ -84,10 +84,10 @@ PRESETS: dict[str, dict] = {
     # Chameleon-like: 512 px -> 32x32 codes, 8192 codes (Chameleon: ch 128, mult 1,1,2,2,4 ->
     # f16; 256-dim Euclidean codes). Here cosine+EMA 8-dim codes, as LlamaGen.
     "f16-8192": dict(resolution=512, base_channels=128, channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=2,
-                     latent_channels=256, embed_dim=8, codebook_size=8192),
+                     latent_channels=256, embed_dim=8, norm_groups=32, codebook_size=8192),
     # LlamaGen VQ-16: 256 px -> 16x16, 16384 x 8-dim cosine codes.
     "f16-16384": dict(resolution=256, base_channels=128, channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=2,
-                      latent_channels=256, embed_dim=8, codebook_size=16384),
+                      latent_channels=256, embed_dim=8, norm_groups=32, codebook_size=16384),
 }
 
 

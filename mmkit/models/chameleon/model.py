@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from mmkit.models.chameleon.config import MmkitChameleonConfig
@@ -175,7 +175,7 @@ def build_attention_mask(T: int, start: int, attention_mask, doc_ids, device):
     return mask, False
 
 
-class MmkitChameleonForCausalLM(PreTrainedModel):
+class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MmkitChameleonConfig
     config: MmkitChameleonConfig
     base_model_prefix = "model"
@@ -223,6 +223,11 @@ class MmkitChameleonForCausalLM(PreTrainedModel):
 
     def gradient_checkpointing_disable(self):
         self.gradient_checkpointing = False
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """transformers' `generate` (users' habit) recomputes the whole prefix each step;
+        `mmkit.generate` is the fast path with the static cache."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     # -- fast generation contract (docs/design.md) ----------------------------------
     def make_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> StaticKVCache:

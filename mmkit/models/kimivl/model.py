@@ -99,10 +99,23 @@ class MmkitKimiVLForConditionalGeneration(MmkitKimiVLPreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        self.vision_tower.gradient_checkpointing = enable
-        if hasattr(self.language_model, "gradient_checkpointing"):
-            self.language_model.gradient_checkpointing = enable
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute every ViT block and decoder layer in backward (state_dict keys unchanged)."""
+        from torch.utils.checkpoint import checkpoint
+
+        self.vision_tower.gradient_checkpointing = True
+        for layer in self.language_model.layers:
+            if getattr(layer, "_mmkit_checkpointed", False):
+                continue
+            orig = layer.forward
+
+            def fwd(*args, _orig=orig, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _orig(*args, **kwargs)
+                return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = fwd
+            layer._mmkit_checkpointed = True
 
     # --- parts -------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:

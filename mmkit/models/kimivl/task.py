@@ -54,10 +54,13 @@ class KimiVLDataSection:
 
     sources: Any = "runs/quickstart/data/train"  # dir, list of shards or {pattern: weight}
     kinds: list[str] = field(default_factory=lambda: ["vqa", "caption", "interleaved"])
+    # mixing weights per kind when `sources` is one shard directory ({kind}-NNNNNN.tar files);
+    # empty = every shard equally
+    weights: dict[str, float] = field(default_factory=dict)
     shuffle_buffer: int = 1000
 
     def __post_init__(self):
-        bad = [k for k in self.kinds if k not in ("vqa", "caption", "interleaved")]
+        bad = [k for k in list(self.kinds) + list(self.weights) if k not in ("vqa", "caption", "interleaved")]
         if bad:
             raise ValueError(f"data.kinds: unknown kind {bad[0]!r} (vqa, caption, interleaved)")
 
@@ -240,11 +243,14 @@ class KimiVLTask:
         """A shard directory restricted to some kinds -> just those kinds' shards (no decoding of
         samples that would be skipped)."""
         src = self.data.sources
-        kinds = set(self.data.kinds)
-        if isinstance(src, str) and Path(src).is_dir() and kinds != {"vqa", "caption", "interleaved"}:
-            shards = sorted(str(p) for k in kinds for p in Path(src).glob(f"{k}-*.tar"))
-            if shards:
-                return shards
+        kinds = [k for k in ("vqa", "caption", "interleaved") if k in self.data.kinds]
+        if not (isinstance(src, str) and Path(src).is_dir()):
+            return src
+        present = [k for k in kinds if any(Path(src).glob(f"{k}-*.tar"))]
+        if self.data.weights and present:
+            return {str(Path(src) / f"{k}-*.tar"): float(self.data.weights.get(k, 1.0)) for k in present}
+        if len(kinds) < 3 and present:
+            return sorted(str(p) for k in present for p in Path(src).glob(f"{k}-*.tar"))
         return src
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -258,6 +264,9 @@ class KimiVLTask:
             metrics["aux_loss"] = float(out.aux_loss.detach())
         metrics.update(_unwrap(model).expert_load())
         return out.loss, metrics
+
+    def enable_activation_checkpointing(self, model: nn.Module) -> None:
+        _unwrap(model).enable_activation_checkpointing()
 
     def on_optimizer_step(self, model: nn.Module) -> None:
         _unwrap(model).update_balancing_bias()

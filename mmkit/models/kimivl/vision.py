@@ -1,7 +1,7 @@
 """MoonViT: the Kimi-VL native-resolution vision encoder, in plain PyTorch.
 
 Images of different sizes are packed into one sequence of patches (no padding). Attention
-stays inside each image: one SDPA call per group of same-size images (never a dense L x L
+stays inside each image: one attention call per run of same-size images (never a dense L x L
 mask over the pack, which is O(L^2) memory and was the remote code's OOM bug). Everything
 that depends only on the grids (cu_seqlens, RoPE angles, resampled position embeddings,
 the 2x2 merge gather) is computed once per forward in `VisionMeta` and shared by all blocks.
@@ -14,9 +14,8 @@ Kimi-VL's interleaved-complex RoPE layout; transformers' kimi_k25 stores q/k rot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,7 @@ class VisionMeta:
 
     groups: list[tuple[int, int, int]]  # (start, n_images, tokens_per_image): runs of same-size images
     cu_seqlens: torch.Tensor  # (n_images + 1,) int32
-    cos: torch.Tensor  # (L, hd/2) fp32
-    sin: torch.Tensor  # (L, hd/2) fp32
+    freqs_cis: torch.Tensor  # (L, hd/2) complex64: exp(i * angle), Kimi-VL's rope table rows
     merge_index: torch.Tensor  # (L,) gather that reorders patches into 2x2 groups [TL, TR, BL, BR]
     sizes: list[tuple[int, int]]  # (h, w) per image
 
@@ -60,15 +58,12 @@ def rope_2d_angles(sizes: list[tuple[int, int]], head_dim: int, theta: float, de
     return torch.cat(parts)
 
 
-def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (L, ..., hd) with (2i, 2i+1) complex pairs; cos/sin (L, hd/2). fp32 math like Kimi-VL."""
-    dtype = x.dtype
-    xf = x.float().unflatten(-1, (-1, 2))  # (L, ..., hd/2, 2)
-    xr, xi = xf[..., 0], xf[..., 1]
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    c, s = cos.view(shape), sin.view(shape)
-    out = torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(-2)
-    return out.to(dtype)
+def apply_rope_2d(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x (L, ..., hd) with (2i, 2i+1) complex pairs; freqs_cis (L, hd/2) complex64.
+    fp32 complex multiply, as Kimi-VL's `apply_rope`."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (L, ..., hd/2)
+    f = freqs_cis.view((freqs_cis.shape[0],) + (1,) * (x.dim() - 2) + (freqs_cis.shape[1],))
+    return torch.view_as_real(xc * f).flatten(-2).to(x.dtype)
 
 
 @functools.lru_cache(maxsize=256)
@@ -147,28 +142,27 @@ class VisionAttention(nn.Module):
         self.wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor, meta: VisionMeta, use_rope: bool = True) -> torch.Tensor:  # (L, D)
-        L = x.shape[0]
-        qkv = self.wqkv(x).view(L, 3, self.num_heads, self.head_dim)  # (L, 3, H, hd), head-major
+        L, H, hd = x.shape[0], self.num_heads, self.head_dim
+        qkv = self.wqkv(x).view(L, 3, H, hd)  # head-major, as Kimi-VL's wqkv
         if use_rope:
-            q, k = apply_rope_2d(qkv[:, :2], meta.cos, meta.sin).unbind(1)  # q and k in one pass
-        else:
-            q, k = qkv[:, 0], qkv[:, 1]
-        v = qkv[:, 2]
+            qk, v = qkv.split([2, 1], dim=1)  # split, not slicing: one cheap SplitBackward
+            qkv = torch.cat([apply_rope_2d(qk, meta.freqs_cis), v], dim=1)  # q and k rotated in one pass
+        # one copy into (3, H, L, hd); images are then split along L (strided (H, t, hd) views)
+        q, k, v = qkv.permute(1, 2, 0, 3).contiguous().unbind(0)
+        sizes = [n * t for _, n, t in meta.groups]
         outs = []
-        for start, n, t in meta.groups:
-            end = start + n * t
-            # (n, H, t, hd): same-size images attend as one batched call, each to itself only
-            qi, ki, vi = (z[start:end].view(n, t, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        for (_, n, t), qi, ki, vi in zip(meta.groups, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1)):
+            qi, ki, vi = (z.unflatten(1, (n, t)).transpose(0, 1) for z in (qi, ki, vi))  # (n, H, t, hd)
             if _explicit_attention(qi):
                 # CPU + bf16/fp16: two bmm + softmax is ~2x faster (fwd+bwd) than the CPU flash
-                # kernel at ViT sizes (REFERENCE 5 measured the same for fp32 loops); scores
-                # are per image, so memory is bounded by the largest image, never the pack.
-                o = torch.softmax((qi * self.head_dim ** -0.5) @ ki.transpose(-1, -2), dim=-1) @ vi
+                # kernel at ViT sizes; scores are per image, so memory is bounded by the largest
+                # image, never by the pack.
+                o = torch.softmax((qi * hd ** -0.5) @ ki.transpose(-1, -2), dim=-1) @ vi
             else:
                 o = F.scaled_dot_product_attention(qi, ki, vi)
-            outs.append(o.transpose(1, 2).reshape(n * t, -1))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return self.wo(out)
+            outs.append(o.transpose(0, 1).flatten(1, 2))  # (H, n*t, hd)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (H, L, hd)
+        return self.wo(out.transpose(0, 1).reshape(L, H * hd))
 
 
 class VisionMLP(nn.Module):
@@ -234,7 +228,7 @@ class MoonViT(nn.Module):
             idx = torch.arange(off, off + h * w, device=device).view(h // kh, kh, w // kw, kw)
             merge_parts.append(idx.permute(0, 2, 1, 3).flatten())  # (h/2, w/2, 2, 2) -> TL, TR, BL, BR
             off += h * w
-        return VisionMeta(groups=groups, cu_seqlens=cu, cos=ang.cos(), sin=ang.sin(),
+        return VisionMeta(groups=groups, cu_seqlens=cu, freqs_cis=torch.polar(torch.ones_like(ang), ang),
                           merge_index=torch.cat(merge_parts), sizes=sizes)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, meta: VisionMeta | None = None,
