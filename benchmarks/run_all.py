@@ -28,6 +28,9 @@ ORDER = [
     "data_pipeline", "train_engine", "vq_compare", "chameleon_train", "moe_train", "moe_scaling",
     "kimivl_model", "generation", "eval_scorers",
 ]
+# Default extra flags: the VQ quantizer comparison trains three tokenizers (~10 min);
+# `--full` includes it, the default run measures only encode/decode throughput there.
+EXTRA_ARGS = {"vq_compare": ["--skip-train"]}
 TITLES = {
     "data_pipeline": "Data pipeline (issue 2)",
     "train_engine": "Training engine overhead (issue 4)",
@@ -62,6 +65,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="run only these benchmarks (names without .py)")
     ap.add_argument("--no-run", action="store_true", help="only rebuild the report from saved outputs")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per benchmark")
+    ap.add_argument("--full", action="store_true", help="also the long parts (VQ quantizer training comparison)")
     args = ap.parse_args()
 
     names = [n for n in ORDER if (BENCH / f"{n}.py").exists()]
@@ -74,6 +78,7 @@ def main() -> int:
         if args.no_run:
             continue
         cmd = [sys.executable, str(BENCH / f"{name}.py")] + (["--quick"] if args.quick else [])
+        cmd += [] if args.full else EXTRA_ARGS.get(name, [])
         print(f"[run_all] {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         try:

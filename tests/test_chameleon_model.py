@@ -20,14 +20,6 @@ from mmkit.models.chameleon.load import (
 from mmkit.models.chameleon.model import MmkitChameleonForCausalLM
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to OpenMP spin-waits on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 V, NIMG, BOI, EOI, IMG = 300, 200, 205, 204, 206
 
 

@@ -13,14 +13,6 @@ from mmkit.models.chameleon.processor import IMAGE, ChameleonProcessor, token_we
 from mmkit.models.chameleon.task import ChameleonDataConfig, ChameleonTask, EncodeDoc, PackCollate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to OpenMP spin-waits on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 ROOT = Path(__file__).resolve().parents[1]
 N_CODES, GRID = 32, 4
 

@@ -9,7 +9,7 @@ import pytest
 from mmkit.data.shapes import caption as scene_caption
 from mmkit.data.shapes import random_scene, render
 from mmkit.eval import caption as cap
-from mmkit.eval import runner, vqa
+from mmkit.eval import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 

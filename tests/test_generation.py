@@ -16,15 +16,6 @@ PAD, BOS, EOS, BOI, EOI, EOR, OFF, NCODES = 0, 1, 2, 3, 4, 5, 16, 48
 TEXT_IDS = (OFF + NCODES, 200)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_chameleon(**kw) -> MmkitChameleonForCausalLM:
     cfg = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, boi_token_id=BOI,

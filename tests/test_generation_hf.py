@@ -12,14 +12,6 @@ from mmkit.generation import generate, left_pad
 V, NIMG, BOI, EOI, IMG = 320, 64, 70, 69, 71
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _hf_checkpoint(tmp_path, swin=False, kv=2):
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 

@@ -16,14 +16,6 @@ TEXT_CFG = dict(vocab_size=128, hidden_size=48, intermediate_size=64, moe_interm
                 bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, rope_theta=10000.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     from mmkit.models.kimivl.config import MmkitKimiVLConfig

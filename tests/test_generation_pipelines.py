@@ -11,14 +11,6 @@ from PIL import Image
 NCODES, GRID, RES = 32, 4, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     from mmkit.text.tokenizer import train_bpe

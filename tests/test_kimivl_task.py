@@ -1,6 +1,5 @@
 """Task "kimivl": recipes parse, shard batches carry the right labels, a tiny model learns VQA."""
 
-import random
 from collections import Counter
 from pathlib import Path
 

@@ -28,15 +28,6 @@ def recipe(task="toy", model=None, **train_kw) -> Recipe:
                               "data": {"corpus_bytes": 8192}, "train": t})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: a second intra-op thread only adds contention for these tiny models.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

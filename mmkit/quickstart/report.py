@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 # (results.json key, label, goal text, predicate) — the goals of issue 9 on a 2-core CPU

@@ -15,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from mmkit.models.kimivl.config import MmkitKimiVLConfig, MoonViTConfig
+from mmkit.models.kimivl.decoder import causal_lm_loss
 from mmkit.models.kimivl.projector import PatchMergerProjector
 from mmkit.models.kimivl.vision import MoonViT
 
@@ -168,9 +168,9 @@ class MmkitKimiVLForConditionalGeneration(MmkitKimiVLPreTrainedModel):
         logits = self.lm_head(hidden)  # (B, T, V)
         loss = lm_loss = aux = None
         if labels is not None:
-            # next-token CE over non-ignored targets (mean), as transformers' ForCausalLMLoss
-            lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                      ignore_index=self.config.ignore_index)
+            # next-token CE over non-ignored targets (mean), as transformers' ForCausalLMLoss,
+            # through the chunked fused kernel (no full fp32 copies of the logits)
+            lm_loss = causal_lm_loss(logits, labels, ignore_index=self.config.ignore_index)
             aux = self.aux_loss() if self.training else None
             loss = lm_loss if aux is None else lm_loss + aux
         return KimiVLOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_loss=aux, image_features=feats)
