@@ -28,9 +28,10 @@ ORDER = [
     "data_pipeline", "train_engine", "vq_compare", "chameleon_train", "moe_train", "moe_scaling",
     "kimivl_model", "generation", "eval_scorers",
 ]
-# Default extra flags: the VQ quantizer comparison trains three tokenizers (~10 min);
-# `--full` includes it, the default run measures only encode/decode throughput there.
-EXTRA_ARGS = {"vq_compare": ["--skip-train"]}
+# Default extra flags: the VQ quantizer comparison trains three tokenizers (~10 min) and the
+# generation benchmark's full token counts take > 15 min on 2 cores (same bench model either
+# way); `--full` runs both in full.
+EXTRA_ARGS = {"vq_compare": ["--skip-train"], "generation": ["--quick"]}
 TITLES = {
     "data_pipeline": "Data pipeline (issue 2)",
     "train_engine": "Training engine overhead (issue 4)",

@@ -53,9 +53,9 @@ class Plan:
     """Sizes of one quickstart run; `--scale` multiplies, `--smoke` shrinks to a wiring run."""
 
     n_train: int = 1200          # documents per kind in the train split
-    n_eval: int = 100            # documents per kind in the held-out split (= VQA questions scored)
+    n_eval: int = 200            # documents per kind in the held-out split (= VQA questions scored)
     vq_steps: int = 0            # 0 = the recipe's own value
-    chameleon_steps: int = 300
+    chameleon_steps: int = 800
     kimivl_steps: int = 0
     eval_limit: int | None = None
     n_t2i_images: int = 8        # images in the generation grid
@@ -195,10 +195,11 @@ class Quickstart:
             shutil.rmtree(out)  # an unfinished earlier attempt with another plan
         _cli(argv)
         metrics = out / "metrics.jsonl"
-        losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if line.strip()] \
+        logs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
             if metrics.exists() else []
+        losses = [r["loss"] for r in logs if "loss" in r]
         return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                "steps": len(losses)}
+                "steps": max((r.get("step", 0) for r in logs), default=0)}  # optimizer steps, not log lines
 
     def stage_vq(self) -> dict:
         res = self._train("tokenizers/vq-shapes.yaml", self.out / "vq", self.data / "train", self.plan.vq_steps,
