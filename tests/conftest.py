@@ -37,3 +37,29 @@ def shapes_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes_data")
     synth(out, n=64, seed=0, eval_n=32, shard_size=32, workers=1)
     return out
+
+
+class _Biased(torch.nn.Module):
+    """Wraps a generation-contract model and adds a fixed bias to its logits (to make boi /
+    eos likely or impossible in sampler tests)."""
+
+    def __init__(self, model, bias: dict[int, float]):
+        super().__init__()
+        self.inner, self.config = model, model.config
+        self.bias = torch.zeros(model.config.vocab_size)
+        for t, b in bias.items():
+            self.bias[t] = b
+
+    def make_cache(self, *a, **k):
+        return self.inner.make_cache(*a, **k)
+
+    def forward(self, input_ids, **kw):
+        out = self.inner(input_ids, **kw)
+        out.logits = out.logits + self.bias
+        return out
+
+
+@pytest.fixture
+def biased():
+    """`biased(model, {token_id: logit_bias})` -> the wrapped model."""
+    return _Biased

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from mmkit.generation import SamplingParams, generate, image_layout_from_config, left_pad
 from mmkit.generation.reference import reference_greedy
@@ -24,25 +23,6 @@ def tiny_chameleon(**kw) -> MmkitChameleonForCausalLM:
     cfg.update(kw)
     torch.manual_seed(0)
     return MmkitChameleonForCausalLM(MmkitChameleonConfig(**cfg)).eval()
-
-
-class Biased(nn.Module):
-    """Wraps a model and adds a fixed bias to its logits (to make boi / eos likely)."""
-
-    def __init__(self, model, bias: dict[int, float]):
-        super().__init__()
-        self.inner, self.config = model, model.config
-        self.bias = torch.zeros(model.config.vocab_size)
-        for t, b in bias.items():
-            self.bias[t] = b
-
-    def make_cache(self, *a, **k):
-        return self.inner.make_cache(*a, **k)
-
-    def forward(self, input_ids, **kw):
-        out = self.inner(input_ids, **kw)
-        out.logits = out.logits + self.bias
-        return out
 
 
 def prompts(lengths, seed=0):
@@ -74,8 +54,8 @@ def test_gqa_and_swin_norm_fast_equals_reference():
     assert torch.equal(fast, ref)
 
 
-def test_stops_at_eos_and_pads_finished_rows():
-    model = Biased(tiny_chameleon(), {EOS: 4.0})
+def test_stops_at_eos_and_pads_finished_rows(biased):
+    model = biased(tiny_chameleon(), {EOS: 4.0})
     ids, mask = left_pad(prompts([5, 8], seed=2), PAD)
     out = generate(model, ids, 30, attention_mask=mask)
     ref = reference_greedy(model, ids, 30, attention_mask=mask, suppress_ids=range(OFF, OFF + NCODES),
@@ -113,10 +93,10 @@ def _check_spans(tokens: list[int], layout, budget: int) -> int:
 
 
 @pytest.mark.parametrize("rows", [False, True])
-def test_interleaved_spans_have_exactly_h_w_codes(rows):
+def test_interleaved_spans_have_exactly_h_w_codes(rows, biased):
     kw = dict(eor_token_id=EOR, size_token_offset=100, max_grid_size=8) if rows else {}
     base = tiny_chameleon(**kw)
-    model = Biased(base, {BOI: 6.0, EOS: -1e4})
+    model = biased(base, {BOI: 6.0, EOS: -1e4})
     layout = image_layout_from_config(base.config)
     budget = 3 * (layout.span_len + 1) + 4
     ids, mask = left_pad(prompts([4, 6, 5], seed=3), PAD)
@@ -232,7 +212,7 @@ def test_bad_arguments_are_usage_errors():
         generate(model, ids, 4, cfg_scale=2.0)
 
 
-def test_prompt_lookup_equals_plain_greedy():
+def test_prompt_lookup_equals_plain_greedy(biased):
     model = tiny_chameleon()
     saved = 0
     for seed in range(3):
@@ -244,8 +224,8 @@ def test_prompt_lookup_equals_plain_greedy():
         assert torch.equal(plain, fast) and st["tokens"] == 40
         saved += 39 - st["forwards"]
     assert saved > 0  # drafts were accepted: fewer forwards than tokens
-    biased = Biased(model, {EOS: 3.0})  # stops at eos exactly like the plain loop
+    eos_likely = biased(model, {EOS: 3.0})  # stops at eos exactly like the plain loop
     ids = torch.tensor([prompts([6], seed=20)[0]])
-    assert torch.equal(generate(biased, ids, 30, prompt_lookup=3), generate(biased, ids, 30))
+    assert torch.equal(generate(eos_likely, ids, 30, prompt_lookup=3), generate(eos_likely, ids, 30))
     with pytest.raises(Exception, match="batch-1 greedy"):
         generate(model, torch.cat([ids, ids]), 5, prompt_lookup=2)

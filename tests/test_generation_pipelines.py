@@ -50,25 +50,6 @@ def chameleon_dir(tmp_path_factory, tokenizer):
     return d
 
 
-class Biased(torch.nn.Module):
-    """Adds a fixed bias to a model's logits (to make boi likely / eos impossible)."""
-
-    def __init__(self, model, bias: dict[int, float]):
-        super().__init__()
-        self.inner, self.config = model, model.config
-        self.bias = torch.zeros(model.config.vocab_size)
-        for t, b in bias.items():
-            self.bias[t] = b
-
-    def make_cache(self, *a, **k):
-        return self.inner.make_cache(*a, **k)
-
-    def forward(self, input_ids, **kw):
-        out = self.inner(input_ids, **kw)
-        out.logits = out.logits + self.bias
-        return out
-
-
 def _images(n):
     return [Image.new("RGB", (20 + 3 * i, 18), (40 * i % 255, 100, 200)) for i in range(n)]
 
@@ -96,13 +77,13 @@ def test_chameleon_pipeline_answer_caption_images(chameleon_dir):
     assert torch.equal(pipe.layout.codes_from_span(toks[1:]), codes)
 
 
-def test_chameleon_interleaved_document(chameleon_dir, tmp_path):
+def test_chameleon_interleaved_document(chameleon_dir, tmp_path, biased):
     from mmkit.generation import load_pipeline
     from mmkit.generation.interleaved import write_document
 
     pipe = load_pipeline(chameleon_dir)
     tok = pipe.tokenizer
-    pipe.model = Biased(pipe.model, {tok.boi_token_id: 8.0, tok.eos_token_id: -1e4})  # images must appear
+    pipe.model = biased(pipe.model, {tok.boi_token_id: 8.0, tok.eos_token_id: -1e4})  # images must appear
     doc, images = pipe.interleaved("Draw: a red circle", max_new_tokens=3 * (pipe.layout.span_len + 1) + 10, seed=1)
     assert doc["kind"] == "interleaved" and len(doc["texts"]) == len(doc["images"]) == len(doc["image_codes"])
     assert all((t is None) != (i is None) for t, i in zip(doc["texts"], doc["images"]))
