@@ -126,6 +126,7 @@ def main(argv=None):
         ax.set_title(f"MoE step time vs experts ({dev}, bf16)")
         fig.tight_layout()
         fig.savefig(a.plot, dpi=100)
+        print(f"\n![MoE step time vs routed experts]({Path(a.plot).name})")
     except Exception as e:  # pragma: no cover
         print(f"(no plot: {e})")
     return res

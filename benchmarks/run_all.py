@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 ORDER = [
     "data_pipeline", "train_engine", "vq_compare", "chameleon_train", "moe_train", "moe_scaling",
-    "kimivl_model", "generation", "eval_scorers",
+    "kimivl_model", "scaling", "generation", "eval_scorers",
 ]
 # Default extra flags: the VQ quantizer comparison trains three tokenizers (~10 min) and the
 # generation benchmark's full token counts take > 15 min on 2 cores (same bench model either
@@ -40,6 +40,7 @@ TITLES = {
     "moe_train": "MoE decoder training step vs transformers DeepseekV3 (issue 6)",
     "moe_scaling": "MoE step time vs number of experts (issue 6)",
     "kimivl_model": "Kimi-VL-style whole model vs transformers Kimi-K2.5 (issue 6)",
+    "scaling": "Scaling with sequence length and image size (issues 5, 6)",
     "generation": "Generation vs transformers generate (issue 7)",
     "eval_scorers": "Evaluators vs pycocoevalcap / official VQA rules (issue 8)",
 }
