@@ -6,7 +6,7 @@ AdamW step, bf16 autocast (fp32 master weights). Also reports MFU against a bf16
 peak measured in the same run. Prints a markdown table and writes
 benchmarks/results/chameleon_train.json.
 
-    .venv/bin/python benchmarks/chameleon_train.py [--quick] [--steps N] [--device cpu|cuda] [--compile]
+    .venv/bin/python benchmarks/chameleon_train.py [--quick] [--steps N] [--device cpu|cuda] [--compile] [--threads N]
 """
 
 from __future__ import annotations
@@ -94,7 +94,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = QUICK if a.quick else BENCH
     batch, seq = (2, 256) if a.quick else (4, 1024)
@@ -138,7 +141,8 @@ def main(argv=None):
            "mmkit_mfu": mfu["mmkit"], "first_loss": {k: v[0] for k, v in losses.items()}, "all_times": times,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()}
     print(f"\nChameleon training step ({a.device}, bf16 autocast, batch {batch}x{seq}, hidden {cfg['hidden_size']}, "
-          f"{cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}{', torch.compile' if a.compile else ''}; "
+          f"{cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}{', torch.compile' if a.compile else ''}, "
+          f"{torch.get_num_threads()} thread(s); "
           f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s)\n")
     print("| implementation | step (s, median) | tokens/s | speedup | MFU | first loss |")
     print("|---|---|---|---|---|---|")

@@ -55,14 +55,37 @@ def build(tmp: Path, device: str):
     return hf.to(device), ours.to(device)
 
 
+CPU_TIMES: list[float] = []  # process CPU seconds of the latest `timed` call (steadier than wall on a busy machine)
+
+
 def timed(fn, device):
     if device == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
     if device == "cuda":
         torch.cuda.synchronize()
+    CPU_TIMES.append(time.process_time() - c)
     return time.perf_counter() - t, out
+
+
+def weight_floor(model, dtype, device, reps):
+    """Seconds to multiply one token by every linear weight once (all linears + lm_head), the
+    best of plain F.linear and oneDNN-packed weights (mmkit's CPU decode path): the floor of
+    a decode step, which must read every weight."""
+    from mmkit.generation.packing import packed_linear_fn
+
+    lins = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, 1, w.shape[1], dtype=dtype, device=device) for w in lins]
+    fns = {"F.linear": [lambda x, w=w: torch.nn.functional.linear(x, w) for w in lins]}
+    if device == "cpu":
+        fns["oneDNN packed"] = [packed_linear_fn(w) for w in lins]
+    best = (float("inf"), "")
+    for name, fs in fns.items():
+        [f(x) for f, x in zip(fs, xs)]
+        t = statistics.median(timed(lambda: [f(x) for f, x in zip(fs, xs)], device)[0] for _ in range(max(reps, 5)))
+        best = min(best, (t, name))
+    return best
 
 
 def main() -> int:
@@ -102,20 +125,20 @@ def main() -> int:
             run_hf = lambda: hf.generate(prompt, max_new_tokens=n_text, min_new_tokens=n_text,  # noqa: E731
                                          do_sample=False)[:, prompt.shape[1]:]
             run_ours = lambda: generate(ours, prompt, n_text, eos_token_id=[])  # noqa: E731
-            run_hf(), run_ours()  # warm-up
-            t_hf, t_ours = [], []
+            run_hf()
+            t0 = time.perf_counter()
+            run_ours()  # warm-up (with --compile: the compilation, reported, not measured)
+            compile_s = time.perf_counter() - t0
+            t_hf, t_ours, c_hf, c_ours = [], [], [], []
             for _ in range(reps):
                 dt, a = timed(run_hf, device)
                 t_hf.append(dt)
+                c_hf.append(CPU_TIMES[-1])
                 dt, b = timed(run_ours, device)
                 t_ours.append(dt)
+                c_ours.append(CPU_TIMES[-1])
             # memory floor: every weight matrix read once for one token (all linears + lm_head)
-            lins = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]
-            xs = [torch.randn(1, 1, w.shape[1], dtype=dtype, device=device) for w in lins]
-            t_floor = []
-            for _ in range(reps):
-                dt, _ = timed(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, lins)], device)
-                t_floor.append(dt)
+            t_floor_s, floor_how = weight_floor(ours, dtype, device, reps)
             # prompt-lookup decoding (exact greedy): drafts copied from earlier text, verified k at a time
             run_pl = lambda st=None: generate(ours, prompt, n_text, eos_token_id=[], prompt_lookup=4,  # noqa: E731
                                               stats=st)
@@ -128,17 +151,22 @@ def main() -> int:
         same = bool(torch.equal(a, b))
         same_pl = bool(torch.equal(a, c))
         name = str(dtype).replace("torch.", "")
-        floor_tps = 1.0 / statistics.median(t_floor)
+        floor_tps = 1.0 / t_floor_s
         pl_tps = n_text / statistics.median(t_pl)
         hf_tps, ours_tps = n_text / statistics.median(t_hf), n_text / statistics.median(t_ours)
         res[f"greedy_b1_{name}"] = {"transformers_tok_s": hf_tps, "mmkit_tok_s": ours_tps,
                                     "speedup": ours_tps / hf_tps, "tokens_identical": same, "new_tokens": n_text,
-                                    "weights_matvec_floor_tok_s": floor_tps, "prompt_lookup_tok_s": pl_tps,
+                                    "weights_matvec_floor_tok_s": floor_tps, "floor_kernel": floor_how,
+                                    "transformers_cpu_ms_per_token": 1e3 * statistics.median(c_hf) / n_text,
+                                    "mmkit_cpu_ms_per_token": 1e3 * statistics.median(c_ours) / n_text,
+                                    "mmkit_first_call_s": compile_s, "prompt_lookup_tok_s": pl_tps,
                                     "prompt_lookup_forwards": st.get("forwards"),
                                     "prompt_lookup_tokens_identical": same_pl}
         rows.append((f"batch-1 greedy decode, {name}", f"{hf_tps:.1f} tok/s", f"{ours_tps:.1f} tok/s",
                      f"{ours_tps / hf_tps:.2f}x", ("tokens identical" if same else "tokens differ") +
-                     f"; weight-read floor {floor_tps:.0f} tok/s"))
+                     f"; weight-read floor {floor_tps:.0f} tok/s ({floor_how}); CPU ms/token "
+                     f"{1e3 * statistics.median(c_hf) / n_text:.1f} vs {1e3 * statistics.median(c_ours) / n_text:.1f}" +
+                     (f"; compile {compile_s:.0f} s" if args.compile else "")))
         rows.append((f"batch-1 greedy + prompt lookup k=4, {name}", f"{hf_tps:.1f} tok/s", f"{pl_tps:.1f} tok/s",
                      f"{pl_tps / hf_tps:.2f}x", ("tokens identical" if same_pl else "tokens differ") +
                      f"; {st.get('forwards')} forwards for {n_text} tokens"))
@@ -155,16 +183,19 @@ def main() -> int:
         run_img = lambda: generate(ours, cond, 1025, mode="image", cfg_scale=3.0,  # noqa: E731
                                    uncond_input_ids=uncond, seed=0)
         timed(lambda: generate(ours, cond, 16, mode="image", cfg_scale=3.0, uncond_input_ids=uncond), device)
-        ts, out = [], None
+        ts, cs, out = [], [], None
         for _ in range(max(1, reps - 1)):
             dt, out = timed(run_img, device)
             ts.append(dt)
+            cs.append(CPU_TIMES[-1])
         n_codes = int(((out >= 4) & (out < 4 + N_IMAGE)).sum())
         name = str(dtype).replace("torch.", "")
         sec = statistics.median(ts)
-        res[f"image_32x32_cfg_{name}"] = {"seconds": sec, "codes": n_codes, "goal_seconds": 5.0}
+        cpu_s = statistics.median(cs)
+        res[f"image_32x32_cfg_{name}"] = {"seconds": sec, "codes": n_codes, "goal_seconds": 5.0, "cpu_seconds": cpu_s,
+                                          "ms_per_step": 1e3 * sec / out.shape[1]}
         rows.append((f"one 32x32 image (1024 codes) with CFG, {name}", "n/a (cannot)", f"{sec:.2f} s",
-                     "", f"{n_codes} codes, goal <= 5 s"))
+                     "", f"{n_codes} codes, goal <= 5 s; {1e3 * sec / out.shape[1]:.1f} ms/step; CPU {cpu_s:.1f} s"))
 
     # -- 3. batch-8 sampling throughput ----------------------------------------------------------
     batch = torch.cat([prompt] * 8, 0)

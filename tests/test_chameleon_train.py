@@ -200,3 +200,103 @@ def test_recipe_unknown_key_is_an_error():
 
     with pytest.raises(ConfigError, match="hidden_sise"):
         ChameleonTask({"hidden_sise": 3}, {}, seed=0)
+
+
+def test_task_weights_scale_one_task_only(tokenizer):
+    cfg = make_config(tokenizer)
+    proc = ChameleonProcessor.from_config(tokenizer, cfg)
+    seqs = proc.encode(reader_doc("vqa", 0)) + proc.encode(reader_doc("caption", 1))
+    assert [s.task for s in seqs] == ["vqa", "caption", "t2i"]
+    plain = token_weights(seqs)
+    weighted = token_weights(seqs, task_weights={"vqa": 4.0, "t2i": 0.0})
+    assert weighted[0] == [4.0 * w for w in plain[0]] and any(weighted[0])
+    assert weighted[1] == plain[1] and not any(weighted[2])
+    with pytest.raises(ValueError, match="task_weights"):
+        ChameleonDataConfig(task_weights={"vqa2": 1.0})
+
+
+def test_vqa_extra_questions_reuse_the_image(tokenizer):
+    """Extra turns come after the doc's own question (the inference layout stays the prefix)
+    and their answers are the scene's (checked against the scene-graph question generator)."""
+    import random
+
+    from mmkit.data.shapes import Scene, make_vqa
+
+    proc = ChameleonProcessor.from_config(tokenizer, make_config(tokenizer))
+    doc = reader_doc("vqa", 3)
+    one = proc.encode_vqa(doc)
+    more = proc.encode_vqa(doc, extra_questions=3, rng=random.Random(5))
+    assert more.input_ids[:len(one)] == one.input_ids and more.supervised[:len(one)] == one.supervised
+    assert more.input_ids.count(tokenizer.eos_token_id) == 4
+    text = tokenizer.decode(more.input_ids[len(one):])
+    rng, scene = random.Random(5), Scene.from_dict(doc["meta"]["scenes"][0])
+    qas = [make_vqa(scene, rng) for _ in range(9)]
+    asked = [qa for qa in qas if qa["question"] != doc["meta"]["question"]]
+    for qa in asked[:3]:  # same rng -> the same questions, answered as the generator answers them
+        assert f"{templates.vqa_prompt(qa['question'])} {qa['answer']}" in text
+    # only answers (and their eos) are targets
+    sup = [t for t, s in zip(more.input_ids, more.supervised) if s]
+    answers = [doc["meta"]["answer"]] + [qa["answer"] for qa in asked[:3]]
+    assert sup == [t for a in answers for t in proc.text_ids(templates.vqa_target(a)) + [tokenizer.eos_token_id]]
+
+
+def test_first_fit_packing_uses_fewer_rows_and_keeps_every_token(tokenizer):
+    from mmkit.models.chameleon.task import first_fit_order
+
+    lengths = [90, 200, 60, 150, 100, 40, 300, 110]
+    order = first_fit_order(lengths, 256)
+    assert sorted(order) == list(range(len(lengths))) and order[-1] == 6  # too long: last, split
+    items = [[(list(range(n)), [1.0] * n)] for n in lengths]
+    greedy = PackCollate(256, 0, first_fit=False)(items)
+    ffd = PackCollate(256, 0)(items)
+    assert ffd["input_ids"].shape[0] < greedy["input_ids"].shape[0]
+    for b in (greedy, ffd):
+        assert int((b["doc_ids"] >= 0).sum()) == sum(lengths)
+        assert int((b["position_ids"] == 0).logical_and(b["doc_ids"] >= 0).sum()) == len(lengths)
+
+
+def test_image_rows_from_vq_follow_decoded_patches(tokenizer):
+    """Codes that decode to the same patch start with the same embedding; text rows untouched."""
+    from mmkit.models.chameleon.task import init_image_rows_from_vq
+    from mmkit.vq.model import VQConfig, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig(base_channels=8, channel_multiplier=[1, 1, 1, 1], latent_channels=8, embed_dim=4,
+                          codebook_size=N_CODES, norm_groups=4, mid_attn=False)).eval()
+    with torch.no_grad():
+        base = vq.decode(torch.arange(N_CODES)[:, None, None].expand(N_CODES, 2, 2))
+    cfg = make_config(tokenizer)
+    model = MmkitChameleonForCausalLM(cfg)
+    text_before = model.get_input_embeddings().weight[:cfg.image_token_offset].clone()
+    init_image_rows_from_vq(model, vq, share=1.0)
+    emb = model.get_input_embeddings().weight.detach()
+    assert torch.equal(emb[:cfg.image_token_offset], text_before)
+    img = emb[cfg.image_token_offset:cfg.image_token_offset + N_CODES]
+    assert abs(float(img.std()) - cfg.initializer_range) < 1e-3
+    # nearest patch in pixel space == nearest embedding (the projection keeps the geometry)
+    pix = torch.nn.functional.adaptive_avg_pool2d(base, 4).flatten(1)
+    d_pix = torch.cdist(pix, pix) + torch.eye(N_CODES) * 1e9
+    d_emb = torch.cdist(img, img) + torch.eye(N_CODES) * 1e9
+    agree = (d_pix.argmin(1) == d_emb.argmin(1)).float().mean()
+    assert agree > 0.5, float(agree)
+
+
+def test_multires_pipeline_reads_images_at_their_own_size(tokenizer):
+    """Training codes are stored at each image's own size; a multi-resolution model must
+    read eval images the same way (no square centre crop that cuts objects off)."""
+    from PIL import Image
+
+    from mmkit.generation.pipelines import ChameleonPipeline
+    from mmkit.vq.model import VQConfig, VQModel
+
+    vq = VQModel(VQConfig(base_channels=8, channel_multiplier=[1, 1, 1, 1], latent_channels=8, embed_dim=4,
+                          codebook_size=N_CODES, norm_groups=4, mid_attn=False, resolution=64)).eval()
+    f = vq.config.downsample
+    img = Image.new("RGB", (8 * f, 6 * f), (200, 30, 30))  # w x h (within the test model's max_grid_size 8)
+    multi = ChameleonPipeline(MmkitChameleonForCausalLM(make_config(tokenizer, multires=True)), tokenizer, vq)
+    codes = multi.encode_images([img])[0]
+    assert tuple(codes.shape) == (6, 8)
+    toks = multi.image_tokens(codes)
+    assert toks.count(tokenizer.convert_tokens_to_ids("<eor>")) == 6
+    fixed = ChameleonPipeline(MmkitChameleonForCausalLM(make_config(tokenizer)), tokenizer, vq)
+    assert tuple(fixed.encode_images([img]).shape[1:]) == (64 // f, 64 // f)  # fixed-size model: resize + crop

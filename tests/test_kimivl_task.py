@@ -101,6 +101,34 @@ def test_shard_batches_labels_and_balancing(shards, tmp_path, one_thread):
     assert torch.equal(a, b)
 
 
+def test_extra_questions_are_answer_only_turns(shards, tmp_path, one_thread):
+    """`data.extra_questions`: VQA docs get more turns about their own scene; only answers + eos
+    carry loss, and the answers are those of the doc's scene graph."""
+    import random
+
+    from mmkit.data import shapes as S
+    from mmkit.data.reader import build_stream
+    from mmkit.models.kimivl.task import ExampleBuilder, KimiVLTask
+
+    task = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok"), max_len=512),
+                      {"sources": str(shards / "data" / "train"), "kinds": ["vqa"], "extra_questions": 3},
+                      seed=0, out_dir=str(tmp_path))
+
+    doc = next(iter(build_stream(str(shards / "data" / "train" / "vqa-000000.tar"), batch_size=1, collate_fn=list,
+                                 shuffle_buffer=0, infinite=False)))[0]
+    plain = ExampleBuilder(str(shards / "tok"), task.proc_cfg, 512, ["vqa"], task.tokens)(doc)
+    more = ExampleBuilder(str(shards / "tok"), task.proc_cfg, 512, ["vqa"], task.tokens, extra_questions=3)(doc)
+    tok = task.processor.tokenizer
+    n = len(plain["input_ids"])
+    assert torch.equal(more["input_ids"][:n], plain["input_ids"]) and torch.equal(more["labels"][:n], plain["labels"])
+    targets = more["labels"][n:]
+    answers = tok.decode(targets[targets != -100]).split(tok.eos_token)[:-1]
+    assert len(answers) == 3 and (targets == tok.eos_token_id).sum() == 3
+    scene = S.Scene.from_dict(doc["meta"]["scenes"][0])
+    possible = {S.make_vqa(scene, random.Random(i))["answer"] for i in range(300)}
+    assert {a.strip() for a in answers} <= possible
+
+
 STEPS = 80
 
 

@@ -105,8 +105,19 @@ class ChameleonPipeline(_TextMixin):
         return next(self.model.parameters()).device
 
     # -- images <-> tokens ------------------------------------------------------------
+    def _native_size(self, w: int, h: int) -> tuple[int, int]:
+        """Multi-resolution models read an image at its own size, rounded to the VQ grid (capped)."""
+        f = int(getattr(self.vq.config, "downsample", 8))
+        cap = (getattr(self.model.config, "max_grid_size", 0) or 10 ** 6) * f
+        s = min(1.0, cap / max(w, h))
+        return max(f, round(w * s / f) * f), max(f, round(h * s / f) * f)
+
     def _pixels(self, images) -> torch.Tensor:
-        """PIL images -> (B, 3, R, R) in [-1, 1]: short side resized, centre crop (Chameleon)."""
+        """PIL images -> (B, 3, R, R) in [-1, 1]: short side resized, centre crop (Chameleon).
+
+        Multi-resolution models (size tokens in the layout): (B, 3, H, W) at the images'
+        own size (as `mmkit data tokenize-images` stored the training codes), no crop.
+        """
         import numpy as np
         from PIL import Image
 
@@ -115,6 +126,12 @@ class ChameleonPipeline(_TextMixin):
         for img in images:
             img = _open_image(img)
             w, h = img.size
+            if self.layout.size_offset is not None:
+                size = self._native_size(w, h)
+                if size != (w, h):
+                    img = img.resize(size, Image.LANCZOS)
+                out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+                continue
             if (w, h) == (res, res):  # training resolution: pixels exactly as in training
                 out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
                 continue
@@ -132,8 +149,10 @@ class ChameleonPipeline(_TextMixin):
         """codes (h, w) -> boi [size tokens] rows of code ids [eor] eoi: the training processor's layout."""
         return self.processor.image_ids(codes)
 
-    def encode_images(self, images) -> torch.Tensor:
-        """PIL images -> VQ codes (B, h, w)."""
+    def encode_images(self, images) -> torch.Tensor | list[torch.Tensor]:
+        """PIL images -> VQ codes (B, h, w); multi-resolution models: a list of (h_i, w_i)."""
+        if self.layout.size_offset is not None:
+            return [self.vq.encode(self._pixels([im]))[0] for im in images]
         return self.vq.encode(self._pixels(images))
 
     def decode_codes(self, codes: torch.Tensor) -> list:

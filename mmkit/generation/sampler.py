@@ -20,6 +20,13 @@ model uses them (Lumina-mGPT / Emu3 layout); after exactly h x w codes end-of-im
 is forced; boi is refused when the remaining budget cannot hold a whole span.
 Classifier-free guidance batches the conditional and unconditional streams in one forward
 (rows [0, B) and [B, 2B)); both streams are fed the conditional stream's token.
+
+Decode steps are bound by reading the weights (and, for long images, the KV cache), so the
+loop avoids reading what it does not need: on CPU every nn.Linear runs on a oneDNN-packed
+weight (packing.py), one-token steps use the model's `decode_step` where it has one (fewer
+kernel launches, same numbers), and the output layer multiplies by the lm_head rows that can
+be chosen only (image codes inside a span, nothing at a forced token, the non-code rows in
+text mode).
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from mmkit.errors import UsageError
+from mmkit.generation.packing import cached_linear_fn, packed_linears
 
 NEG_INF = float("-inf")
 
@@ -215,14 +224,18 @@ class _Constraints:
             table[3 + i] = NEG_INF
             table[3 + i, t] = 0.0
         cls = [self.CODE if t == -1 else 3 + forced.index(t) for t in tmpl]
+        self.forced = forced  # class 3 + i forces token forced[i]
         self.table = table.to(device)
         self.template_cls = torch.tensor(cls, dtype=torch.long, device=device)
         self.span_len = len(tmpl)
         self.boi = layout.boi
 
     def apply(self, logits: torch.Tensor, span_pos: torch.Tensor, text_cls: int) -> torch.Tensor:
-        cls = torch.where(span_pos >= 0, self.template_cls[span_pos.clamp(min=0)], text_cls)
-        return logits.add_(self.table.index_select(0, cls))
+        return logits.add_(self.table.index_select(0, self.classes(span_pos, text_cls)))
+
+    def classes(self, span_pos: torch.Tensor, text_cls: int) -> torch.Tensor:
+        """(B,) constraint class of each row's next token."""
+        return torch.where(span_pos >= 0, self.template_cls[span_pos.clamp(min=0)], text_cls)
 
     def advance(self, span_pos: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         opened = torch.where(tok == self.boi, 0, -1)
@@ -266,6 +279,7 @@ def generate(
     compile: bool = False,
     prompt_lookup: int = 0,
     stats: dict | None = None,
+    pack_weights: bool | None = None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` per row; returns the new ids (B, <= max_new_tokens).
 
@@ -291,6 +305,9 @@ def generate(
       tokens copied from the latest earlier occurrence of the last n-gram are verified in one
       forward; output equals plain greedy (up to float rounding of a k+1-token forward).
     stats: if a dict, filled with {"forwards": decode forwards run, "tokens": tokens made}.
+    pack_weights: run every nn.Linear on a oneDNN-packed weight copy (CPU; see packing.py).
+      None = on for CPU models unless `compile` (bf16: same numbers as F.linear up to rare
+      last-bit differences; fp32: ~1e-6).
     """
     cfg = model.config
     if input_ids.dim() != 2:
@@ -368,6 +385,7 @@ def generate(
     next_pos = mask.sum(-1, keepdim=True)  # (R, 1) position of the first new token
     fwd = _forward_params(model)
     step_model = _compiled(model) if compile else model
+    pack = (not compile) if pack_weights is None else bool(pack_weights)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in fwd else {}
 
     # -- constraints, penalties, randomness (all built once) --------------------------
@@ -388,69 +406,140 @@ def generate(
             raise UsageError(f"got {len(seeds)} seeds for {B} prompts")
         uni = _uniforms(seeds, budget, device)  # (B, budget)
 
-    # -- prefill -----------------------------------------------------------------------
-    logits = model(ids, position_ids=pos, attention_mask=full_mask[:, :T0] if padded else None,
-                   cache=cache, cache_position=0, **extra, **(prefill_kwargs or {})).logits[:, -1]
-    V = logits.shape[-1]
-    if layout is not None:
-        constraints = _Constraints(layout, V, device, suppress)
-        last = ids[:B, -1]
-        span_pos = torch.where(last == layout.boi, 0, -1)
-    else:
-        text_mask = image_code_mask(cfg, V, device) if mode == "text" else None
-        if suppress:
-            text_mask = torch.zeros(V, dtype=torch.bool, device=device) if text_mask is None else text_mask
-            text_mask[suppress] = True
-    seen = None
-    if rep:
-        seen = torch.zeros((B, V), dtype=torch.long, device=device)
-        seen.scatter_add_(1, input_ids, attention_mask)
-        seen = seen > 0
-    if prompt_lookup:
-        return _lookup_greedy(model, ids, logits, cache, budget, prompt_lookup, text_mask, stops, pad, stats)
-    same_params = img_params == text_params or layout is None or mode == "image"
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stop_t = torch.tensor(stops or [-1], dtype=torch.long, device=device)
-    bar = _progress(progress, budget)
-
-    n = 0
-    for step in range(budget):
-        lg = logits.float()
-        if use_cfg:  # guidance on raw logits; scale 1 leaves c untouched bit for bit
-            c, u = lg[:B], lg[B:]
-            lg = c + (cfg_scale - 1.0) * (c - u)
-        if constraints is not None:
-            lg = constraints.apply(lg, span_pos, constraints.TEXT if step < cutoff else constraints.TEXT_NO_BOI)
-        elif text_mask is not None:
-            lg = lg.masked_fill_(text_mask, NEG_INF)
-        u_step = uni[:, step] if need_u else None
-        if same_params:
-            tok = sample_tokens(lg, img_params if mode == "image" else text_params, u_step, seen)
+    with packed_linears(model, pack):
+        # -- prefill -----------------------------------------------------------------------
+        logits = model(ids, position_ids=pos, attention_mask=full_mask[:, :T0] if padded else None,
+                       cache=cache, cache_position=0, **extra, **(prefill_kwargs or {})).logits[:, -1]
+        V = logits.shape[-1]
+        if layout is not None:
+            constraints = _Constraints(layout, V, device, suppress)
+            last = ids[:B, -1]
+            span_pos = torch.where(last == layout.boi, 0, -1)
         else:
-            t_txt = sample_tokens(lg, text_params, u_step, seen)
-            t_img = sample_tokens(lg, img_params, u_step, seen)
-            tok = torch.where(span_pos >= 0, t_img, t_txt)
-        out[:, step] = tok.masked_fill(done, pad)
-        n = step + 1
-        done |= (tok.unsqueeze(1) == stop_t).any(1)
-        if bar is not None:
-            bar.update(1)
-        if n == budget or bool(done.all()):
-            break
-        if constraints is not None:
-            span_pos = constraints.advance(span_pos, tok)
-        if seen is not None:
-            seen.scatter_(1, tok.unsqueeze(1), True)
-        inp = (tok.repeat(2) if use_cfg else tok).unsqueeze(1)  # (R, 1)
-        S = T0 + step + 1
-        logits = step_model(inp, position_ids=next_pos, attention_mask=full_mask[:, :S] if padded else None,
-                       cache=cache, cache_position=T0 + step, **extra).logits[:, -1]
-        next_pos = next_pos + 1
-    if bar is not None and bar is not progress:
-        bar.close()
-    if stats is not None:
-        stats.update(forwards=max(n - 1, 0), tokens=n)
-    return out[:, :n]
+            text_mask = image_code_mask(cfg, V, device) if mode == "text" else None
+            if suppress:
+                text_mask = torch.zeros(V, dtype=torch.bool, device=device) if text_mask is None else text_mask
+                text_mask[suppress] = True
+        seen = None
+        if rep:
+            seen = torch.zeros((B, V), dtype=torch.long, device=device)
+            seen.scatter_add_(1, input_ids, attention_mask)
+            seen = seen > 0
+        if prompt_lookup:
+            return _lookup_greedy(model, ids, logits, cache, budget, prompt_lookup, text_mask, stops, pad, stats)
+        same_params = img_params == text_params or layout is None or mode == "image"
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop_t = torch.tensor(stops or [-1], dtype=torch.long, device=device)
+        bar = _progress(progress, budget)
+
+        # one-token steps through the model's lean `decode_step` where it has one (eval, no autocast)
+        decode = None if compile or model.training or torch.is_autocast_enabled(device.type) else \
+            getattr(model, "decode_step", None)
+        # lm_head rows actually needed: image spans need only the code rows at a code step and no
+        # logits at a forced step; text mode never emits the masked ids (image codes), so it
+        # multiplies by the other rows only. Needs hidden states from the model.
+        code_head = text_head = text_rows = None
+        if not compile and (decode is not None or "return_logits" in fwd):
+            if constraints is not None:
+                code_head = _rows_head(model, slice(layout.code_offset, layout.code_offset + layout.num_codes), pack)
+            elif text_mask is not None:
+                text_rows = (~text_mask).nonzero().squeeze(1)  # (V_text,) allowed ids, ascending
+                text_head = _rows_head(model, text_rows, pack)
+        some_head = code_head is not None or text_head is not None
+        # what `logits` holds: "full" (B, V), "codes" (B, num_codes), "text" (B, V_text: the
+        # ids text_rows), or a forced token id (no logits)
+        kind = "full"
+        n = 0
+        for step in range(budget):
+            u_step = uni[:, step] if need_u else None
+            if isinstance(kind, int):  # every row's token is forced: no logits were computed
+                tok = torch.full((B,), kind, dtype=torch.long, device=device)
+            else:
+                lg = logits.float()
+                if use_cfg:  # guidance on raw logits; scale 1 leaves c untouched bit for bit
+                    c, u = lg[:B], lg[B:]
+                    lg = c + (cfg_scale - 1.0) * (c - u)
+                if kind == "codes":  # every row at an image code: lg covers the codes only
+                    lo = layout.code_offset
+                    seen_codes = None if seen is None else seen[:, lo:lo + lg.shape[1]]
+                    tok = sample_tokens(lg, img_params, u_step, seen_codes) + lo
+                elif kind == "text":  # lg covers the allowed ids only
+                    seen_text = None if seen is None else seen.index_select(1, text_rows)
+                    tok = text_rows[sample_tokens(lg, text_params, u_step, seen_text)]
+                else:
+                    if constraints is not None:
+                        text_cls = constraints.TEXT if step < cutoff else constraints.TEXT_NO_BOI
+                        lg = constraints.apply(lg, span_pos, text_cls)
+                    elif text_mask is not None:
+                        lg = lg.masked_fill_(text_mask, NEG_INF)
+                    if same_params:
+                        tok = sample_tokens(lg, img_params if mode == "image" else text_params, u_step, seen)
+                    else:
+                        t_txt = sample_tokens(lg, text_params, u_step, seen)
+                        t_img = sample_tokens(lg, img_params, u_step, seen)
+                        tok = torch.where(span_pos >= 0, t_img, t_txt)
+            out[:, step] = tok.masked_fill(done, pad)
+            n = step + 1
+            done |= (tok.unsqueeze(1) == stop_t).any(1)
+            if bar is not None:
+                bar.update(1)
+            if n == budget or bool(done.all()):
+                break
+            if constraints is not None:
+                span_pos = constraints.advance(span_pos, tok)
+            if seen is not None:
+                seen.scatter_(1, tok.unsqueeze(1), True)
+            inp = (tok.repeat(2) if use_cfg else tok).unsqueeze(1)  # (R, 1)
+            S = T0 + step + 1
+            if code_head is not None:
+                kind = _next_kind(constraints, span_pos, step + 1 < cutoff)
+            elif text_head is not None:
+                kind = "text"
+            step_mask = full_mask[:, :S] if padded else None
+            if decode is not None:
+                res = decode(inp, next_pos, cache, T0 + step, attention_mask=step_mask, return_logits=kind == "full")
+                h = res  # (R, V) logits or (R, D) hidden states
+            else:
+                res = step_model(inp, position_ids=next_pos, attention_mask=step_mask, cache=cache,
+                                 cache_position=T0 + step, **extra,
+                                 **({"return_logits": kind == "full"} if some_head else {}))
+                h = res.logits[:, -1] if kind == "full" else res.hidden_states[:, -1]
+            if kind == "full":
+                logits = h
+            elif kind == "codes":
+                logits = code_head(h)  # (R, num_codes)
+            elif kind == "text":
+                logits = text_head(h)  # (R, V_text)
+            next_pos = next_pos + 1
+        if bar is not None and bar is not progress:
+            bar.close()
+        if stats is not None:
+            stats.update(forwards=max(n - 1, 0), tokens=n)
+        return out[:, :n]
+
+
+def _rows_head(model, rows: slice | torch.Tensor, pack: bool):
+    """h (R, D) -> logits of some rows of lm_head only (R, N): a slice or an index tensor; None
+    if the model's output layer is not a plain nn.Linear."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return None
+    if isinstance(rows, slice):
+        bias = None if head.bias is None else head.bias[rows]
+        return cached_linear_fn(model, f"rows:{rows.start}:{rows.stop}", head.weight[rows], bias, enabled=pack)
+    return cached_linear_fn(model, "rows:text", head.weight, head.bias, enabled=pack, rows=rows)
+
+
+def _next_kind(constraints: _Constraints, span_pos: torch.Tensor, boi_allowed: bool):
+    """What the next forward must return: "codes" when every row's next token is an image code,
+    the token id when every row's next token is the same forced one, else "full"."""
+    cls = constraints.classes(span_pos, constraints.TEXT if boi_allowed else constraints.TEXT_NO_BOI).tolist()
+    c0 = cls[0]
+    if any(c != c0 for c in cls):
+        return "full"
+    if c0 == constraints.CODE:
+        return "codes"
+    return constraints.forced[c0 - 3] if c0 >= 3 else "full"
 
 
 def _draft(seq: list[int], k: int, max_ngram: int = 3) -> list[int]:

@@ -1,8 +1,11 @@
-"""Shared leaf layers (pure PyTorch): norms, rotary embeddings, MLPs, KV caches."""
+"""Shared leaf layers (pure PyTorch): norms, rotary embeddings, MLPs, KV caches, fast CPU kernels."""
 
+from mmkit.nn.activation import gelu_tanh
+from mmkit.nn.attention import blocked_attention  # `attention` (SDPA drop-in): import from mmkit.nn.attention
 from mmkit.nn.kv_cache import StaticKVCache
 from mmkit.nn.mlp import SwiGLU
 from mmkit.nn.norm import RMSNorm
 from mmkit.nn.rope import apply_rope_interleaved, apply_rope_rotate_half, rope_cos_sin
 
-__all__ = ["RMSNorm", "StaticKVCache", "SwiGLU", "apply_rope_interleaved", "apply_rope_rotate_half", "rope_cos_sin"]
+__all__ = ["RMSNorm", "StaticKVCache", "SwiGLU", "apply_rope_interleaved", "apply_rope_rotate_half",
+           "blocked_attention", "gelu_tanh", "rope_cos_sin"]

@@ -23,17 +23,20 @@ class StaticKVCache:
         shape_v = (num_layers, batch_size, num_kv_heads, max_len, v_head_dim or head_dim)
         self.k = torch.zeros(shape_k, dtype=dtype, device=device)
         self.v = torch.zeros(shape_v, dtype=dtype, device=device)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.max_len = max_len
         self.attention_mask: torch.Tensor | None = None  # (B, T_max) long, 1 = real token
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: int):
-        """Write k/v (B, H, T_new, D) at [cache_position, cache_position+T_new); return the used prefix."""
+        """Write k/v (B, H, T_new, D) at [cache_position, cache_position+T_new) (cast to the
+        cache dtype); return the used prefix (B, H, cache_position+T_new, D)."""
         end = cache_position + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} > max_len {self.max_len}")
-        self.k[layer, :, :, cache_position:end] = k
-        self.v[layer, :, :, cache_position:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        kl, vl = self.k_layers[layer], self.v_layers[layer]
+        kl[:, :, cache_position:end] = k
+        vl[:, :, cache_position:end] = v
+        return kl[:, :, :end], vl[:, :, :end]
 
     def reset(self) -> None:
         self.k.zero_()

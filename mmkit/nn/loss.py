@@ -24,7 +24,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
         safe_t = target.clamp(min=0)
         for s in range(0, N, chunk):
             x = logits[s:s + chunk].float()  # (c, V) fp32, one chunk at a time
-            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
+            # lse = max - log(max softmax): the softmax kernel's vectorised exp is ~2.5x faster on
+            # CPU than logsumexp's; max p >= 1/V, so the log is well conditioned (~1e-7 abs)
+            p_max = torch.softmax(x, dim=-1).amax(dim=-1)
+            lse[s:s + chunk] = x.amax(dim=-1) - p_max.log()
             tgt_logit[s:s + chunk] = x.gather(1, safe_t[s:s + chunk, None]).squeeze(1)
         ce_tok = lse - tgt_logit
         ctx.save_for_backward(logits, safe_t, weight, lse)
@@ -40,7 +43,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         row_onehot = weight * g_ce  # (N,) subtracted at the target
         for s in range(0, logits.shape[0], ctx.chunk):
             e = s + ctx.chunk
-            p = torch.exp(logits[s:e].float() - lse[s:e, None])  # softmax (c, V)
+            p = torch.softmax(logits[s:e].float(), dim=-1)  # (c, V); the fast kernel, not exp(x - lse)
             p.mul_(row_scale[s:e, None])
             p.scatter_add_(1, safe_t[s:e, None], -row_onehot[s:e, None])
             grad[s:e] = p

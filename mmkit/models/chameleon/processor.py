@@ -9,6 +9,7 @@ it writes at inference. Images come as VQ codes (the `image_codes` field added b
 
 Training formats use `mmkit.data.templates` (same strings as inference):
   vqa:         bos image "Question: q Answer:" " a" eos         (loss on " a" eos)
+               [+ more "Question: .. Answer:" " a" eos turns about the same image, optional]
   caption:     bos image "Caption:" " c" eos                    (loss on " c" eos)
   t2i:         bos "Draw: c" image eos                          (loss on the image span + eos)
   interleaved: bos text/image ... eos                           (loss on everything)
@@ -36,6 +37,7 @@ class Encoded:
     input_ids: list[int]
     supervised: list[bool]
     modality: list[int]
+    task: str = "interleaved"  # vqa | caption | t2i | interleaved: per-task loss weights
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -99,13 +101,13 @@ class ChameleonProcessor:
             return self.vq.encode(x)[0].cpu()
 
     # -- documents ----------------------------------------------------------------------
-    def _seq(self, parts: list[tuple[list[int], bool, int]]) -> Encoded:
+    def _seq(self, parts: list[tuple[list[int], bool, int]], task: str) -> Encoded:
         ids, sup, mod = [], [], []
         for toks, supervised, modality in parts:
             ids += toks
             sup += [supervised] * len(toks)
             mod += [modality] * len(toks)
-        return Encoded(ids, sup, mod)
+        return Encoded(ids, sup, mod, task)
 
     def encode_interleaved(self, doc: dict) -> Encoded:
         parts = [([self.bos], False, TEXT)]
@@ -115,7 +117,7 @@ class ChameleonProcessor:
             elif text:
                 parts.append((self.text_ids(text), True, TEXT))
         parts.append(([self.eos], True, TEXT))
-        return self._seq(parts)
+        return self._seq(parts, "interleaved")
 
     def _image_index(self, doc: dict) -> int:
         for i, image in enumerate(doc["images"]):
@@ -123,13 +125,36 @@ class ChameleonProcessor:
                 return i
         raise UsageError(f"{doc.get('__key__', 'doc')}: {doc.get('kind')} sample without an image")
 
-    def encode_vqa(self, doc: dict, supervise_prompt: bool = False) -> Encoded:
+    def encode_vqa(self, doc: dict, supervise_prompt: bool = False, extra_questions: int = 0,
+                   rng: random.Random | None = None) -> Encoded:
+        """The doc's question first (the inference layout); `extra_questions` more turns
+        asked about the stored scene graph (shapes world) reuse the same image tokens."""
         meta = doc.get("meta") or {}
-        img = self.image_ids(self.codes_of(doc, self._image_index(doc)))
-        prompt = self.text_ids(templates.vqa_prompt(meta["question"]))
-        target = self.text_ids(templates.vqa_target(meta["answer"])) + [self.eos]
-        return self._seq([([self.bos], False, TEXT), (img, supervise_prompt, IMAGE), (prompt, supervise_prompt, TEXT),
-                          (target, True, TEXT)])
+        i = self._image_index(doc)
+        img = self.image_ids(self.codes_of(doc, i))
+        parts = [([self.bos], False, TEXT), (img, supervise_prompt, IMAGE)]
+        for qa in [meta] + self._extra_qas(meta, i, extra_questions, rng):
+            parts.append((self.text_ids(templates.vqa_prompt(qa["question"])), supervise_prompt, TEXT))
+            parts.append((self.text_ids(templates.vqa_target(qa["answer"])) + [self.eos], True, TEXT))
+        return self._seq(parts, "vqa")
+
+    @staticmethod
+    def _extra_qas(meta: dict, i: int, n: int, rng: random.Random | None) -> list[dict]:
+        scenes = meta.get("scenes") or []
+        if n <= 0 or i >= len(scenes) or not scenes[i]:
+            return []
+        from mmkit.data.shapes import Scene, make_vqa
+
+        scene, rng = Scene.from_dict(scenes[i]), rng or random.Random(0)
+        asked, out = {meta.get("question")}, []
+        for _ in range(3 * n):
+            qa = make_vqa(scene, rng)
+            if qa["question"] not in asked:
+                asked.add(qa["question"])
+                out.append(qa)
+            if len(out) == n:
+                break
+        return out
 
     def _caption_text(self, doc: dict) -> str:
         texts = [t for t in doc["texts"] if t]
@@ -142,7 +167,7 @@ class ChameleonProcessor:
         prompt = self.text_ids(templates.caption_prompt())
         target = self.text_ids(templates.caption_target(self._caption_text(doc))) + [self.eos]
         return self._seq([([self.bos], False, TEXT), (img, supervise_prompt, IMAGE), (prompt, supervise_prompt, TEXT),
-                          (target, True, TEXT)])
+                          (target, True, TEXT)], "caption")
 
     def encode_t2i(self, doc: dict, drop_condition: bool = False, supervise_prompt: bool = False) -> Encoded:
         """Text-to-image; `drop_condition` replaces the caption by the unconditional prompt (CFG)."""
@@ -150,16 +175,17 @@ class ChameleonProcessor:
         prompt = self.text_ids(templates.t2i_prompt(caption))
         img = self.image_ids(self.codes_of(doc, self._image_index(doc)))
         return self._seq([([self.bos], False, TEXT), (prompt, supervise_prompt, TEXT), (img, True, IMAGE),
-                          ([self.eos], True, TEXT)])
+                          ([self.eos], True, TEXT)], "t2i")
 
     def encode(self, doc: dict, *, caption_tasks=("caption", "t2i"), cond_dropout: float = 0.0,
-               supervise_prompts: bool = False, rng: random.Random | None = None) -> list[Encoded]:
+               supervise_prompts: bool = False, vqa_extra_questions: int = 0,
+               rng: random.Random | None = None) -> list[Encoded]:
         """A reader doc -> its training sequences (a caption doc gives one per caption task)."""
         kind = doc.get("kind")
         if kind == "interleaved":
             return [self.encode_interleaved(doc)]
         if kind == "vqa":
-            return [self.encode_vqa(doc, supervise_prompts)]
+            return [self.encode_vqa(doc, supervise_prompts, vqa_extra_questions, rng)]
         if kind == "caption":
             out = []
             if "caption" in caption_tasks:
@@ -172,9 +198,15 @@ class ChameleonProcessor:
 
 
 def token_weights(seqs: list[Encoded], loss_on: str = "all", text_weight: float = 1.0,
-                  image_weight: float = 1.0) -> list[list[float]]:
-    """Per-token loss weights (0 = not a target) for `loss_on` in all | text | image."""
+                  image_weight: float = 1.0, task_weights: dict[str, float] | None = None) -> list[list[float]]:
+    """Per-token loss weights (0 = not a target) for `loss_on` in all | text | image.
+
+    `task_weights` multiplies the weights of a sequence by its task's factor (missing = 1):
+    a VQA answer is ~2 target tokens against ~60 of a generated image, so without it the
+    image spans own almost all of the gradient.
+    """
     if loss_on not in ("all", "text", "image"):
         raise UsageError(f"loss_on must be all, text or image (got {loss_on!r})")
     w_mod = {TEXT: 0.0 if loss_on == "image" else text_weight, IMAGE: 0.0 if loss_on == "text" else image_weight}
-    return [[w_mod[m] if s else 0.0 for s, m in zip(e.supervised, e.modality)] for e in seqs]
+    tw = task_weights or {}
+    return [[tw.get(e.task, 1.0) * w_mod[m] if s else 0.0 for s, m in zip(e.supervised, e.modality)] for e in seqs]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkit.nn import RMSNorm, apply_rope_interleaved
+from mmkit.nn.attention import attention
 
 
 class MLACache:
@@ -93,6 +94,9 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(1).to(k_nope.dtype).expand(b, h, s, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_rope.to(q_nope.dtype)], dim=-1)  # (B, H, T, nope+rope)
-        out = F.scaled_dot_product_attention(q, k, v.to(q.dtype) if v.dtype != q.dtype else v, attn_mask=attn_mask,
-                                             is_causal=attn_mask is None and t > 1, scale=self.scale)
+        # training / full forward: mmkit's blocked attention on CPU half precision (faster than the
+        # CPU flash kernel, see mmkit/nn/attention.py); cached decoding keeps SDPA
+        sdpa = F.scaled_dot_product_attention if cache is not None else attention
+        out = sdpa(q, k, v.to(q.dtype) if v.dtype != q.dtype else v, attn_mask=attn_mask,
+                   is_causal=attn_mask is None and t > 1, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * self.v_dim))  # (B, T, D)

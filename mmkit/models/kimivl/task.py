@@ -58,6 +58,10 @@ class KimiVLDataSection:
     # empty = every shard equally
     weights: dict[str, float] = field(default_factory=dict)
     shuffle_buffer: int = 1000
+    # shapes world: extra question turns per VQA document, asked about its image from the doc's
+    # scene graph (`scenes`) with the generator of the data set (mmkit.data.shapes.make_vqa);
+    # fresh questions every time a document is read. 0 = only the document's own question.
+    extra_questions: int = 0
 
     def __post_init__(self):
         bad = [k for k in list(self.kinds) + list(self.weights) if k not in ("vqa", "caption", "interleaved")]
@@ -68,9 +72,12 @@ class KimiVLDataSection:
 class ExampleBuilder:
     """map_fn (runs in DataLoader workers; picklable): reader doc -> token ids, labels, pixels."""
 
-    def __init__(self, tokenizer_dir: str, proc_cfg: dict, max_len: int, kinds: list[str], tokens: dict | None = None):
+    def __init__(self, tokenizer_dir: str, proc_cfg: dict, max_len: int, kinds: list[str], tokens: dict | None = None,
+                 extra_questions: int = 0, seed: int = 0):
         self.tokenizer_dir, self.proc_cfg, self.max_len, self.kinds = tokenizer_dir, proc_cfg, max_len, kinds
         self.tokens = tokens or {}
+        self.extra_questions, self.seed = extra_questions, seed
+        self._calls = 0  # varies the extra questions between epochs
         self._proc = None
 
     def __getstate__(self):
@@ -106,6 +113,8 @@ class ExampleBuilder:
             tgt = proc.text_ids(target) + [proc.tokenizer.eos_token_id]
             ids = enc["input_ids"] + tgt
             labels = [IGNORE] * len(enc["input_ids"]) + tgt
+            if kind == "vqa" and self.extra_questions:
+                ids, labels = self._more_questions(doc, ids, labels)
         else:
             segs = [im if im is not None else t for t, im in zip(texts, images) if (im is not None or t)]
             if not any(not isinstance(s, str) for s in segs):
@@ -127,6 +136,37 @@ class ExampleBuilder:
             ids, labels = ids[: self.max_len], labels[: self.max_len]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
+
+
+    def _more_questions(self, doc: dict, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Append `extra_questions` turns `Question: q Answer:` | ` a</s>` about the doc's first scene.
+
+        Why: a VQA shard holds one question per image, far too few for a model trained from
+        scratch to learn to look up an object's attributes; more answers per image (cheap: the
+        image is encoded once) make the answer loss dense. Docs without a scene graph are unchanged.
+        """
+        import random
+
+        from mmkit.data import shapes as S
+        from mmkit.data import templates as T
+
+        scene = next((sc for sc in doc.get("meta", {}).get("scenes") or [] if sc), None)
+        if scene is None:
+            return ids, labels
+        self._calls += 1
+        rng = random.Random(f"{self.seed}:{doc.get('__key__')}:{self._calls}")
+        scene = S.Scene.from_dict(scene)
+        proc = self.processor
+        ids, labels = list(ids), list(labels)
+        for _ in range(self.extra_questions):
+            q = S.make_vqa(scene, rng)
+            prompt = proc.text_ids(T.vqa_prompt(q["question"]))
+            tgt = proc.text_ids(T.vqa_target(q["answer"])) + [proc.tokenizer.eos_token_id]
+            if len(ids) + len(prompt) + len(tgt) > self.max_len:
+                break
+            ids += prompt + tgt
+            labels += [IGNORE] * len(prompt) + tgt
+        return ids, labels
 
 
 class Collate:
@@ -234,7 +274,7 @@ class KimiVLTask:
         from mmkit.data import build_stream
 
         builder = ExampleBuilder(self.cfg.text_tokenizer, self.proc_cfg, self.cfg.max_len, list(self.data.kinds),
-                                 self.tokens)
+                                 self.tokens, extra_questions=self.data.extra_questions, seed=self.seed + rank)
         return build_stream(self._sources(), batch_size=batch_size, collate_fn=Collate(self.processor.tokenizer.pad_token_id),
                             map_fn=builder, seed=self.seed, rank=rank, world_size=world_size, num_workers=num_workers,
                             decode_images=True, shuffle_buffer=self.data.shuffle_buffer, infinite=True)

