@@ -129,6 +129,23 @@ def test_extra_questions_are_answer_only_turns(shards, tmp_path, one_thread):
     assert {a.strip() for a in answers} <= possible
 
 
+def test_attention_init_std(shards, tmp_path):
+    """`model.attention_init_std` re-draws only the decoder's q / kv projections."""
+    from mmkit.models.kimivl.task import KimiVLTask
+
+    torch.manual_seed(0)
+    base = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok")), {}, out_dir=str(tmp_path)).build_model()
+    torch.manual_seed(0)
+    wide = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok"), attention_init_std=0.2), {},
+                      out_dir=str(tmp_path)).build_model()
+    for a, b in zip(base.language_model.layers, wide.language_model.layers):
+        for name in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj"):
+            wa, wb = getattr(a.self_attn, name).weight, getattr(b.self_attn, name).weight
+            assert wa.std() < 0.03 and 0.15 < wb.std() < 0.25
+        assert torch.equal(a.self_attn.o_proj.weight, b.self_attn.o_proj.weight)
+    assert torch.equal(base.lm_head.weight, wide.lm_head.weight)
+
+
 STEPS = 80
 
 

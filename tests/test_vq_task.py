@@ -31,6 +31,10 @@ def test_crops_are_deterministic_and_sized():
     small = {"__key__": "k", "images": [docs[0]["images"][1].resize((8, 8))]}
     assert crop(small).shape == (1, 3, 16, 16)  # smaller images are edge-padded
     assert crop({"__key__": "k", "images": [None]}) is None
+    # a later epoch (when the reader passes it) draws other crops, again deterministically
+    e1 = [crop({**d, "__epoch__": 1}) for d in docs]
+    assert all(torch.equal(x, y) for x, y in zip(e1, [crop({**d, "__epoch__": 1}) for d in docs]))
+    assert not all(torch.equal(x, y[0:1]) for x, y in zip(e1, a.split(1)))
 
 
 def test_task_config_is_strict():

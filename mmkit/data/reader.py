@@ -473,6 +473,10 @@ def worker_batches(plan: _Plan, worker: int, wstate: dict) -> Iterator[tuple]:
         pos[i] = [ep, n]
         doc, reason = decode_sample(raw, plan.decode_images, plan.max_pixels)
         stats["samples"] += 1
+        if reason is None:
+            # the pass over this source: lets map_fns vary random augmentation per epoch while
+            # staying a pure function of (seed, key, epoch), hence exactly resumable
+            doc["__epoch__"] = ep
         if reason is None and plan.map_fn is not None:
             doc = plan.map_fn(doc)
             if doc is None:

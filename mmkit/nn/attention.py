@@ -59,7 +59,7 @@ class _BlockedAttention(torch.autograd.Function):
         tri, bias = _biases(qb, mask, q.dtype)
         # keep the probabilities for backward when they are small (skips one bmm + softmax per
         # block there); long sequences recompute them (O(T) memory, like flash)
-        keep = B * H * T * S * q.element_size() <= _SAVE_P_BYTES
+        keep = any(ctx.needs_input_grad[:3]) and B * H * T * S * q.element_size() <= _SAVE_P_BYTES
         saved = []
         for b, s, e, k0, k1, hs in _steps(B, H, T, S, qb, g, causal, mask):
             p = _probs(qs[b, hs, s:e], k[b, hs, k0:k1], causal, bias, b, tri, s, e, k0, k1)

@@ -57,8 +57,11 @@ def image_to_tensor(img) -> torch.Tensor:
 class CropImages:
     """map_fn: doc -> (k, 3, crop, crop) crops of its images, or None if it has none.
 
-    Crop offsets come from a hash of (seed, key, image index): deterministic, so a resumed
-    stream sees exactly the crops it would have seen. Module-level and picklable.
+    Crop offsets come from a hash of (seed, key, image index, epoch): deterministic, so a
+    resumed stream sees exactly the crops it would have seen. The epoch is read from
+    `doc["__epoch__"]` when the reader supplies it (absent = 0); without it every epoch
+    repeats the same crop of an image, which costs ~0.8 dB PSNR at 8 epochs (docs/tokenizers.md).
+    Module-level and picklable.
 
     Of `tries` candidate crops the one with the most pixel variance is kept: flat background
     crops teach nothing after the first steps, edges are where reconstruction error lives.
@@ -69,6 +72,8 @@ class CropImages:
 
     def __call__(self, doc):
         out = []
+        epoch = int(doc.get("__epoch__") or 0)
+        tag = f"/e{epoch}" if epoch else ""  # epoch 0 keeps the historical crops
         for i, img in enumerate(x for x in doc.get("images", []) if x is not None):
             if i >= self.max_images:
                 break
@@ -80,7 +85,7 @@ class CropImages:
                 _, H, W = x.shape
             best, best_var = None, -1.0
             for t in range(self.tries):
-                h = hashlib.blake2b(f"{self.seed}/{doc.get('__key__')}/{i}/{t}".encode(), digest_size=8).digest()
+                h = hashlib.blake2b(f"{self.seed}/{doc.get('__key__')}/{i}/{t}{tag}".encode(), digest_size=8).digest()
                 r = int.from_bytes(h, "little")
                 top, left = r % (H - c + 1), (r >> 20) % (W - c + 1)
                 cand = x[:, top:top + c, left:left + c]

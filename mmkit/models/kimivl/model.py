@@ -52,7 +52,8 @@ class MmkitKimiVLPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        std = 0.02
+        # the decoder config's initializer_range (DeepseekV3 name; 0.02 by default) for every module
+        std = getattr(getattr(self, "text_config", None), "initializer_range", 0.02)
         if isinstance(module, nn.Linear):
             module.weight.normal_(0.0, std)
             if module.bias is not None:

@@ -1,7 +1,8 @@
 """Task "kimivl": train the Kimi-VL-style model on mmkit shards (VQA, captions, interleaved).
 
 Every document becomes one sequence in which images are input only:
-- vqa:         <s> [image] "Question: q Answer:" | " answer" </s>
+- vqa:         <s> [image] "Question: q Answer:" | " answer" </s>, then `data.extra_questions`
+               more turns "Question: q Answer:" | " a" </s> generated from the image's scene graph
 - caption:     <s> [image] "Caption:"            | " caption" </s>
 - interleaved: <s> text [image] text [image] ... </s>, loss on every text token after the
                first image (and the final </s>)
@@ -46,6 +47,10 @@ class KimiVLModelSection:
     eoi_token: str = "<eoi>"
     max_len: int = 1024  # documents longer than this (after image expansion) are cut or skipped
     freeze_vision: bool = False
+    # std of the decoder's attention q / kv projections at init (None: the model's 0.02). From
+    # scratch, a larger value makes the answer-to-image attention selective sooner (looking an
+    # object up by position or attribute); ignored with init_from.
+    attention_init_std: float | None = None
 
 
 @dataclass
@@ -67,6 +72,8 @@ class KimiVLDataSection:
         bad = [k for k in list(self.kinds) + list(self.weights) if k not in ("vqa", "caption", "interleaved")]
         if bad:
             raise ValueError(f"data.kinds: unknown kind {bad[0]!r} (vqa, caption, interleaved)")
+        if self.extra_questions < 0:
+            raise ValueError(f"data.extra_questions must be >= 0, got {self.extra_questions}")
 
 
 class ExampleBuilder:
@@ -144,6 +151,7 @@ class ExampleBuilder:
         Why: a VQA shard holds one question per image, far too few for a model trained from
         scratch to learn to look up an object's attributes; more answers per image (cheap: the
         image is encoded once) make the answer loss dense. Docs without a scene graph are unchanged.
+        The questions depend on a per-worker call count, so a resumed run draws other ones.
         """
         import random
 
@@ -202,6 +210,17 @@ def make_processor(tokenizer_dir: str, proc_cfg: dict, tokens: dict | None = Non
                            **(tokens or {}))
 
 
+@torch.no_grad()
+def _init_attention(model: nn.Module, std: float) -> None:
+    """Re-draw the decoder's MLA query and key/value projections (weights only) with `std`."""
+    names = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+    for layer in model.language_model.layers:
+        for name in names:
+            lin = getattr(layer.self_attn, name, None)
+            if lin is not None:
+                lin.weight.normal_(0.0, std)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module"):
         model = model.module
@@ -258,6 +277,8 @@ class KimiVLTask:
             model.train()
         else:
             model = MmkitKimiVLForConditionalGeneration(self.model_config())
+            if self.cfg.attention_init_std is not None:
+                _init_attention(model, self.cfg.attention_init_std)
         if self.cfg.open_clip:
             import open_clip
 
