@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moe_train import BENCH, build_pair  # noqa: E402
+from plotting import line_plot  # noqa: E402
 
 
 def main(argv=None):
@@ -108,27 +109,12 @@ def main(argv=None):
            "threads": torch.get_num_threads(), "torch": torch.__version__}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
-    try:  # the plot is a convenience; never fail the benchmark on it
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for impl in sorted({r["impl"] for r in rows}):
-            rs = [r for r in rows if r["impl"] == impl]
-            ax.plot([r["experts"] for r in rs], [r["fwd_bwd_s"] for r in rs], marker="o", label=impl)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("routed experts (top-4, width 256)")
-        ax.set_ylabel("fwd+bwd step (s)")
-        ax.set_ylim(bottom=0)
-        ax.legend()
-        ax.set_title(f"MoE step time vs experts ({dev}, bf16)")
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=100)
+    impls = sorted({r["impl"] for r in rows})
+    series = {i: [r["fwd_bwd_s"] for r in rows if r["impl"] == i] for i in impls}
+    xs = [r["experts"] for r in rows if r["impl"] == impls[0]]
+    if line_plot(Path(a.plot), xs, series, "routed experts (top-4, width 256)", "fwd+bwd step (s)",
+                 f"MoE step time vs experts ({dev}, bf16)"):
         print(f"\n![MoE step time vs routed experts]({Path(a.plot).name})")
-    except Exception as e:  # pragma: no cover
-        print(f"(no plot: {e})")
     return res
 
 

@@ -31,6 +31,7 @@ ORDER = [
 # Default extra flags: the VQ quantizer comparison trains three tokenizers (~10 min) and the
 # generation benchmark's full token counts take > 15 min on 2 cores (same bench model either
 # way); `--full` runs both in full.
+NOT_BENCHMARKS = {"run_all", "plotting"}  # modules here that are not benchmarks
 EXTRA_ARGS = {"vq_compare": ["--skip-train"], "generation": ["--quick"]}
 TITLES = {
     "data_pipeline": "Data pipeline (issue 2)",
@@ -71,7 +72,7 @@ def main() -> int:
     args = ap.parse_args()
 
     names = [n for n in ORDER if (BENCH / f"{n}.py").exists()]
-    names += sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in ORDER and p.stem != "run_all")
+    names += sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in ORDER and p.stem not in NOT_BENCHMARKS)
     if args.only:
         names = [n for n in names if n in args.only]
     out_dir = BENCH / "results"

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import chameleon_train  # noqa: E402  (same bench model and step as the Chameleon benchmark)
+from plotting import line_plot  # noqa: E402
 import kimivl_model  # noqa: E402  (same pair builder as the whole-model benchmark)
 
 TOKENS_PER_STEP = 4096  # batch = TOKENS_PER_STEP / seq: the same work per step at every length
@@ -70,30 +71,6 @@ def image_curve(sides: list[int], cfg: dict, iters: int) -> list[dict]:
     return rows
 
 
-def _plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabel: str, title: str, logx=True):
-    try:  # the plot is a convenience; never fail the benchmark on it
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for name, ys in series.items():
-            ax.plot(xs, ys, marker="o", label=name)
-        if logx:
-            ax.set_xscale("log", base=2)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
-        ax.legend()
-        ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-    except Exception as e:  # pragma: no cover
-        print(f"(no plot {path.name}: {e})")
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller models and fewer points")
@@ -131,9 +108,9 @@ def main(argv=None) -> dict:
     print("\n![fwd+bwd time vs image size](scaling_image.png)")
 
     docs = ROOT / "docs"
-    _plot(docs / "scaling_seq.png", seqs, {k: [r["tok_s"][k] for r in seq_rows] for k in ("transformers", "mmkit")},
+    line_plot(docs / "scaling_seq.png", seqs, {k: [r["tok_s"][k] for r in seq_rows] for k in ("transformers", "mmkit")},
           "sequence length (tokens)", "training tokens/s", "Chameleon step vs sequence length (cpu, bf16)")
-    _plot(docs / "scaling_image.png", [r["patches"] for r in img_rows],
+    line_plot(docs / "scaling_image.png", [r["patches"] for r in img_rows],
           {k: [r["fwd_bwd_s"][k] for r in img_rows] for k in ("transformers", "mmkit")},
           "patches in the image", "fwd+bwd (s)", "Kimi-VL fwd+bwd vs image size (cpu, bf16)")
     res = {"name": "scaling", "quick": a.quick, "threads": torch.get_num_threads(), "seq": seq_rows,

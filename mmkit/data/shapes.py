@@ -259,6 +259,29 @@ def make_vqa(scene: Scene, rng: random.Random, qtype: str | None = None) -> dict
     raise RuntimeError("no question could be asked about this scene")  # unreachable in practice
 
 
+def more_vqa(meta: dict, n: int, rng: random.Random, image_index: int = 0) -> list[dict]:
+    """Up to `n` more questions (make_vqa dicts) about the scene of image `image_index` of a
+    document (`meta["scenes"]`), distinct from each other and from the doc's own question.
+
+    Training-time augmentation shared by both model families: a VQA shard holds one question
+    per image; asking more about the stored scene graph makes the answer loss dense while the
+    image is encoded once. Docs without a scene graph give [].
+    """
+    scenes = meta.get("scenes") or []
+    if n <= 0 or image_index >= len(scenes) or not scenes[image_index]:
+        return []
+    scene = Scene.from_dict(scenes[image_index])
+    asked, out = {meta.get("question")}, []
+    for _ in range(3 * n):
+        qa = make_vqa(scene, rng)
+        if qa["question"] not in asked:
+            asked.add(qa["question"])
+            out.append(qa)
+            if len(out) == n:
+                break
+    return out
+
+
 def _question(scene: Scene, rng: random.Random, t: str):
     objs = scene.objects
     o = rng.choice(objs)

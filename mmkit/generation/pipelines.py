@@ -11,7 +11,6 @@ images enter through the family's processor (ViT patches; features in the prefil
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -310,12 +309,10 @@ class KimiVLPipeline(_TextMixin):
 def load_pipeline(model_dir, device=None, dtype=None, **kwargs):
     """A pipeline for the model saved in `model_dir` (Chameleon or Kimi-VL family)."""
     import mmkit
+    from mmkit.models import read_model_config
 
     path = Path(model_dir)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise UsageError(f"not a model directory (no config.json): {path}")
-    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    model_type = read_model_config(path).get("model_type")
     device = _default_device(device)
     if model_type in CHAMELEON_TYPES:
         from transformers import AutoTokenizer

@@ -26,16 +26,21 @@ LOADERS = {
 }
 
 
-def load_model(path, **kwargs):
-    """Load the model saved in directory `path`, whatever family or foreign format."""
-    path = Path(path)
-    cfg_file = path / "config.json"
+def read_model_config(path) -> dict:
+    """`path/config.json` as a dict; a missing file or bad JSON is a one-line UsageError."""
+    cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise UsageError(f"not a model directory (no config.json): {path}")
     try:
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
+        return json.loads(cfg_file.read_text())
     except json.JSONDecodeError:
         raise UsageError(f"{cfg_file}: invalid JSON") from None
+
+
+def load_model(path, **kwargs):
+    """Load the model saved in directory `path`, whatever family or foreign format."""
+    path = Path(path)
+    model_type = read_model_config(path).get("model_type")
     if model_type not in LOADERS:
         raise UsageError(f"{path}: unsupported model_type {model_type!r} (known: {', '.join(sorted(LOADERS))})")
     module, func = LOADERS[model_type].split(":")

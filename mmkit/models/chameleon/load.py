@@ -244,11 +244,10 @@ def export_to_transformers(model, out_dir) -> Path:
 # ---------------------------------------------------------------------------------------
 def load_model(path, dtype=None, device=None, **overrides):
     """mmkit.load_model entry for model_type `mmkit_chameleon` and transformers' `chameleon`."""
+    from mmkit.models import read_model_config
+
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise UsageError(f"not a model directory (no config.json): {path}")
-    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    model_type = read_model_config(path).get("model_type")
     if model_type == "chameleon":
         model = from_transformers_dir(path, dtype=dtype, **overrides)
     elif model_type == "mmkit_chameleon":

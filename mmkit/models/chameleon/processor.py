@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mmkit.data import templates
+from mmkit.data.shapes import more_vqa
 from mmkit.errors import UsageError
 
 TEXT, IMAGE = 0, 1  # modality of a target token (image = codes and the boi/eoi/row/size tokens)
@@ -133,28 +134,10 @@ class ChameleonProcessor:
         i = self._image_index(doc)
         img = self.image_ids(self.codes_of(doc, i))
         parts = [([self.bos], False, TEXT), (img, supervise_prompt, IMAGE)]
-        for qa in [meta] + self._extra_qas(meta, i, extra_questions, rng):
+        for qa in [meta] + more_vqa(meta, extra_questions, rng or random.Random(0), image_index=i):
             parts.append((self.text_ids(templates.vqa_prompt(qa["question"])), supervise_prompt, TEXT))
             parts.append((self.text_ids(templates.vqa_target(qa["answer"])) + [self.eos], True, TEXT))
         return self._seq(parts, "vqa")
-
-    @staticmethod
-    def _extra_qas(meta: dict, i: int, n: int, rng: random.Random | None) -> list[dict]:
-        scenes = meta.get("scenes") or []
-        if n <= 0 or i >= len(scenes) or not scenes[i]:
-            return []
-        from mmkit.data.shapes import Scene, make_vqa
-
-        scene, rng = Scene.from_dict(scenes[i]), rng or random.Random(0)
-        asked, out = {meta.get("question")}, []
-        for _ in range(3 * n):
-            qa = make_vqa(scene, rng)
-            if qa["question"] not in asked:
-                asked.add(qa["question"])
-                out.append(qa)
-            if len(out) == n:
-                break
-        return out
 
     def _caption_text(self, doc: dict) -> str:
         texts = [t for t in doc["texts"] if t]

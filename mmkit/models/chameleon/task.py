@@ -12,7 +12,6 @@ document, positions restart), labels are -100 where a token is not a target.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -265,13 +264,16 @@ class ChameleonTask:
             if self.section.init_from:
                 from transformers import AutoConfig
 
-                cfg_file = Path(self.section.init_from) / "config.json"
-                if not cfg_file.is_file():
-                    raise UsageError(f"model.init_from: not a model directory: {self.section.init_from}")
-                if json.loads(cfg_file.read_text()).get("model_type") == "chameleon":
+                from mmkit.models import read_model_config
+
+                try:
+                    raw = read_model_config(self.section.init_from)
+                except UsageError as e:
+                    raise UsageError(f"model.init_from: {e}") from None
+                if raw.get("model_type") == "chameleon":
                     from mmkit.models.chameleon.load import config_from_transformers
 
-                    self._config = config_from_transformers(json.loads(cfg_file.read_text()))
+                    self._config = config_from_transformers(raw)
                 else:
                     import mmkit.models.chameleon.model  # noqa: F401 - registers the Auto classes
 

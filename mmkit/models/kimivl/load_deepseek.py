@@ -39,11 +39,10 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 def load_deepseek_v3(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                      experts_impl: str = "auto", **_ignored) -> MoECausalLM:
     """Directory saved by transformers' DeepseekV3ForCausalLM -> MoECausalLM (eval mode)."""
+    from mmkit.models import read_model_config
+
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise UsageError(f"not a model directory (no config.json): {path}")
-    hf = json.loads(cfg_file.read_text())
+    hf = read_model_config(path)
     hf = hf.get("text_config", hf) if hf.get("model_type") != "deepseek_v3" else hf
     cfg = MoEDecoderConfig.from_hf(hf)
     cfg.experts_impl = experts_impl

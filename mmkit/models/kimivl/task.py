@@ -64,8 +64,8 @@ class KimiVLDataSection:
     weights: dict[str, float] = field(default_factory=dict)
     shuffle_buffer: int = 1000
     # shapes world: extra question turns per VQA document, asked about its image from the doc's
-    # scene graph (`scenes`) with the generator of the data set (mmkit.data.shapes.make_vqa);
-    # fresh questions every time a document is read. 0 = only the document's own question.
+    # scene graph (`scenes`) with the data set's generator (mmkit.data.shapes.more_vqa);
+    # fresh questions each epoch (hashed from seed, key and the reader's __epoch__). 0 = only the doc's own question.
     extra_questions: int = 0
 
     def __post_init__(self):
@@ -84,7 +84,6 @@ class ExampleBuilder:
         self.tokenizer_dir, self.proc_cfg, self.max_len, self.kinds = tokenizer_dir, proc_cfg, max_len, kinds
         self.tokens = tokens or {}
         self.extra_questions, self.seed = extra_questions, seed
-        self._calls = 0  # varies the extra questions between epochs
         self._proc = None
 
     def __getstate__(self):
@@ -146,28 +145,19 @@ class ExampleBuilder:
 
 
     def _more_questions(self, doc: dict, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """Append `extra_questions` turns `Question: q Answer:` | ` a</s>` about the doc's first scene.
-
-        Why: a VQA shard holds one question per image, far too few for a model trained from
-        scratch to learn to look up an object's attributes; more answers per image (cheap: the
-        image is encoded once) make the answer loss dense. Docs without a scene graph are unchanged.
-        The questions depend on a per-worker call count, so a resumed run draws other ones.
-        """
+        """Append `data.extra_questions` turns `Question: q Answer:` | ` a</s>` about the doc's
+        image (mmkit.data.shapes.more_vqa; only answers carry loss). The questions are a pure
+        function of (seed, key, epoch): fresh each epoch, identical after a resume."""
         import random
 
-        from mmkit.data import shapes as S
         from mmkit.data import templates as T
+        from mmkit.data.shapes import more_vqa
 
-        scene = next((sc for sc in doc.get("meta", {}).get("scenes") or [] if sc), None)
-        if scene is None:
-            return ids, labels
-        self._calls += 1
-        rng = random.Random(f"{self.seed}:{doc.get('__key__')}:{self._calls}")
-        scene = S.Scene.from_dict(scene)
+        index = next(i for i, im in enumerate(doc["images"]) if im is not None)
+        rng = random.Random(f"{self.seed}:{doc.get('__key__')}:{doc.get('__epoch__', 0)}")
         proc = self.processor
         ids, labels = list(ids), list(labels)
-        for _ in range(self.extra_questions):
-            q = S.make_vqa(scene, rng)
+        for q in more_vqa(doc.get("meta", {}), self.extra_questions, rng, image_index=index):
             prompt = proc.text_ids(T.vqa_prompt(q["question"]))
             tgt = proc.text_ids(T.vqa_target(q["answer"])) + [proc.tokenizer.eos_token_id]
             if len(ids) + len(prompt) + len(tgt) > self.max_len:
