@@ -96,6 +96,9 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args(argv)
+    from mmkit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the mmkit CLI does; process-wide, so the reference gets it too
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)

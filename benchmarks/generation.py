@@ -97,6 +97,9 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="mmkit decode steps through torch.compile")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generation.json"))
     args = ap.parse_args()
+    from mmkit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the mmkit CLI does; process-wide, so the reference gets it too
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device

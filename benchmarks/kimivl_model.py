@@ -89,7 +89,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/kimivl_model.json)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="skip mmkit.runtime.tune_cpu_allocator (applied to both models otherwise)")
     args = ap.parse_args(argv)
+    from mmkit.runtime import tune_cpu_allocator
+
+    tuned = False if args.default_malloc else tune_cpu_allocator()  # process-wide: both models alike
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = dict(QUICK if args.quick else FULL)
@@ -115,15 +120,16 @@ def main(argv=None) -> dict:
     n_patches = int(batch[2].prod(-1).sum())
     res = {
         "benchmark": "kimivl_model", "quick": args.quick, "device": "cpu", "dtype": "bf16 autocast",
-        "threads": torch.get_num_threads(), "images": len(cfg["grids"]), "patches": n_patches,
+        "threads": torch.get_num_threads(), "malloc_tuned": tuned, "images": len(cfg["grids"]), "patches": n_patches,
         "sequence": int(batch[0].shape[1]), "config": {k: v for k, v in cfg.items() if k != "grids"},
         "grids": cfg["grids"], "loss_transformers": float(l_ref), "loss_mmkit": float(l_ours),
         "fwd_bwd_s": med, "all_s": times, "speedup": med["transformers"] / med["mmkit"],
         "fwd_bwd_cpu_s": cpu_med, "all_cpu_s": cpu, "cpu_time_speedup": cpu_med["transformers"] / cpu_med["mmkit"],
-        "command": "python benchmarks/kimivl_model.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/kimivl_model.py" + (" --quick" if args.quick else "")
+                   + (" --default-malloc" if args.default_malloc else ""),
     }
     print(f"\n| model ({n_patches} patches in {len(cfg['grids'])} images, seq {res['sequence']}, "
-          f"{res['threads']} thread(s)) | fwd+bwd (s) | speedup | CPU s | CPU-time speedup |")
+          f"{res['threads']} thread(s), malloc tuned: {tuned}) | fwd+bwd (s) | speedup | CPU s | CPU-time speedup |")
     print("|---|---|---|---|---|")
     print(f"| transformers Kimi_K25ForConditionalGeneration | {med['transformers']:.3f} | 1.00x | "
           f"{cpu_med['transformers']:.3f} | 1.00x |")

@@ -38,6 +38,9 @@ def main(argv=None):
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_scaling.json"))
     p.add_argument("--plot", default=str(Path(__file__).parent.parent / "docs" / "moe_scaling.png"))
     a = p.parse_args(argv)
+    from mmkit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the mmkit CLI does; process-wide, so the reference gets it too
     torch.manual_seed(0)
     base = dict(BENCH, num_hidden_layers=4)
     batch, seq = (2, 512) if a.quick else (4, 1024)

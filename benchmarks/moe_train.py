@@ -71,6 +71,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_train.json"))
     a = p.parse_args(argv)
+    from mmkit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the mmkit CLI does; process-wide, so the reference gets it too
     torch.manual_seed(0)
     cfg = dict(QUICK if a.quick else BENCH)
     if a.layers:

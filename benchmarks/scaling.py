@@ -77,6 +77,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
     a = ap.parse_args(argv)
+    from mmkit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the mmkit CLI does; process-wide, so the reference gets it too
     if a.threads:
         torch.set_num_threads(a.threads)
     iters = a.iters or (2 if a.quick else 3)

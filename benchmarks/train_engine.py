@@ -89,6 +89,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: shared machine)")
     args = ap.parse_args()
+    from mmkit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the mmkit CLI does; process-wide, so the reference gets it too
     import torch
 
     torch.set_num_threads(args.threads)

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         if func is None:
             parser.print_help()
             return 2 if not argv else 0
+        from mmkit.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()  # every command trains, generates or evaluates: keep freed memory for reuse
         return int(func(args) or 0)
     except MmkitError as e:
         print(f"mmkit: error: {e}", file=sys.stderr)
