@@ -33,6 +33,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed rounds first: the allocator's heap reaches its steady state (as in a long run)")
     p.add_argument("--hf", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_scaling.json"))
@@ -46,7 +48,7 @@ def main(argv=None):
     batch, seq = (2, 512) if a.quick else (4, 1024)
     if a.quick:
         base.update(vocab_size=4096, num_hidden_layers=2)
-    steps = a.steps or 3
+    steps = a.steps or 6
     dev = a.device
     ids = torch.randint(0, base["vocab_size"], (batch, seq), device=dev)
     models = {}
@@ -79,8 +81,9 @@ def main(argv=None):
 
     times = {k: [] for k in models}
     opt_times = {k: [] for k in models}
-    for k, m in models.items():  # warm-up
-        step(k, m)
+    for _ in range(a.warmup):
+        for k, m in models.items():
+            step(k, m)
     for _ in range(steps):
         for k, m in models.items():
             fb, ot = step(k, m)
