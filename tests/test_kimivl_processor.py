@@ -72,3 +72,27 @@ def test_placeholder_expansion(tokenizer, tmp_path):
     again = KimiVLProcessor.from_pretrained(tmp_path)
     assert again.image_processor.config == proc2.image_processor.config
     assert again.encode(["hi", _img(48, 96)])["input_ids"] == proc2.encode(["hi", _img(48, 96)])["input_ids"]
+
+
+def test_square_mode_and_prompt_order(tokenizer, tmp_path):
+    """`pad_mode="square"`: every aspect ratio becomes the same grid (the padded long side);
+    `prompt_order` lays VQA prompts out image-first or question-first and survives a save."""
+    proc = KimiVLProcessor(tokenizer, KimiVLImageProcessor(ImageProcessorConfig(
+        patch_size=8, max_patches_per_side=6, pad_mode="square")), prompt_order="question_first")
+    for h, w in ((48, 96), (96, 48), (80, 64), (48, 48)):
+        enc = proc.encode([_img(h, w)])
+        assert enc["image_grid_thw"].tolist() == [[1, 6, 6]] and enc["pixel_values"].shape == (36, 3, 8, 8)
+    img = _img(48, 96)
+    segs = proc.vqa_segments(img, "what color is the circle?")
+    assert segs[0] == "Question: what color is the circle?" and segs[1] is img and segs[2] == "Answer:"
+    assert proc.caption_segments(img)[0] is img
+    ids = proc.encode(segs)["input_ids"]
+    assert ids.index(proc.boi_token_id) > 3 and ids[-1] != proc.eoi_token_id  # question, image, "Answer:"
+    proc.save_pretrained(tmp_path)
+    again = KimiVLProcessor.from_pretrained(tmp_path)
+    assert again.prompt_order == "question_first" and again.image_processor.config.pad_mode == "square"
+    assert again.encode(again.vqa_segments(img, "what color is the circle?"))["input_ids"] == ids
+    first = KimiVLProcessor(tokenizer)
+    assert first.vqa_segments(img, "q?") == [img, "Question: q? Answer:"]
+    with pytest.raises(Exception, match="prompt_order"):
+        KimiVLProcessor(tokenizer, prompt_order="sideways")

@@ -186,3 +186,46 @@ def test_tiny_model_learns_vqa_above_majority(shards, tmp_path, one_thread):
     assert len(evals) == 40
     print(f"vqa score {score:.1f} vs majority {baseline:.1f} of {len(evals)}")
     assert score > baseline + 2, (score, baseline)
+
+
+def test_question_first_repeat_image_turns(shards, tmp_path, one_thread):
+    """`prompt_order: question_first` + `data.repeat_image`: every turn is `Question: q [image]
+    Answer:` | ` a</s>`, with the image's pixels once per turn; only answers carry loss."""
+    from mmkit.data.reader import build_stream
+    from mmkit.models.kimivl.task import ExampleBuilder, KimiVLTask
+
+    task = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok"), max_len=512, prompt_order="question_first"),
+                      {"sources": str(shards / "data" / "train"), "kinds": ["vqa"], "extra_questions": 2,
+                       "repeat_image": True}, seed=0, out_dir=str(tmp_path))
+    doc = next(iter(build_stream(str(shards / "data" / "train" / "vqa-000000.tar"), batch_size=1, collate_fn=list,
+                                 shuffle_buffer=0, infinite=False)))[0]
+    ex = ExampleBuilder(str(shards / "tok"), task.proc_cfg, 512, ["vqa"], task.tokens, extra_questions=2,
+                        repeat_image=True)(doc)
+    proc, ids, labels = task.processor, ex["input_ids"].tolist(), ex["labels"]
+    starts = [i for i, t in enumerate(ids) if t == proc.boi_token_id]
+    assert len(starts) == 3 and ex["image_grid_thw"].shape[0] == 3
+    assert ex["pixel_values"].shape[0] == 3 * int(ex["image_grid_thw"][0].prod())
+    assert torch.equal(ex["pixel_values"][: len(ex["pixel_values"]) // 3], ex["pixel_values"][-(len(ex["pixel_values"]) // 3):])
+    text = proc.tokenizer.decode(ex["input_ids"])
+    assert text.count("Question:") == 3 and text.count("Answer:") == 3
+    assert all(text.split("<boi>")[i].rstrip().endswith("?") for i in range(3))  # the question precedes each image
+    assert int((labels == proc.tokenizer.eos_token_id).sum()) == 3
+    assert not ((labels != -100) & (ex["input_ids"] == proc.image_token_id)).any()
+    model = task.build_model()
+    batch = task.batches(batch_size=2)
+    out = task.loss(model, next(iter(batch)))[0]
+    assert torch.isfinite(out)
+
+
+def test_pos_emb_init_std(shards, tmp_path):
+    """`model.pos_emb_init_std` re-draws only MoonViT's position table."""
+    from mmkit.models.kimivl.task import KimiVLTask
+
+    torch.manual_seed(0)
+    base = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok")), {}, out_dir=str(tmp_path)).build_model()
+    torch.manual_seed(0)
+    big = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok"), pos_emb_init_std=0.5), {},
+                     out_dir=str(tmp_path)).build_model()
+    assert base.vision_tower.patch_embed.pos_emb.weight.std() < 0.05
+    assert 0.3 < big.vision_tower.patch_embed.pos_emb.weight.std() < 0.7
+    assert torch.equal(base.vision_tower.patch_embed.proj.weight, big.vision_tower.patch_embed.proj.weight)

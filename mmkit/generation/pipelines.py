@@ -293,11 +293,13 @@ class KimiVLPipeline(_TextMixin):
     def answer(self, images, questions) -> list[str]:
         if len(images) != len(questions):
             raise UsageError(f"{len(images)} images but {len(questions)} questions")
-        rows = [[_open_image(im), vqa_prompt(q)] for im, q in zip(images, questions)]
+        # the processor knows the layout the model was trained with (image or question first)
+        rows = [self.processor.vqa_segments(_open_image(im), q) for im, q in zip(images, questions)]
         return [postprocess_answer(a) for a in self._run(rows)]
 
     def caption(self, images) -> list[str]:
-        return [postprocess_answer(c) for c in self._run([[_open_image(im), caption_prompt()] for im in images])]
+        return [postprocess_answer(c) for c in self._run([self.processor.caption_segments(_open_image(im))
+                                                          for im in images])]
 
     def generate_images(self, *a, **k):
         raise UsageError("the Kimi-VL family reads images but does not generate them (use a Chameleon-family model)")

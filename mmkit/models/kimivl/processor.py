@@ -3,11 +3,18 @@
 Image side (transformers' Kimi-K2.5 `navit_resize` policy): scale down (never up) so the
 image fits `max_patches` patches and `max_patches_per_side` per side, then make each side a
 multiple of patch x merge (= 28) by zero-padding bottom/right (`pad_mode="pad"`, Kimi-VL's
-`pad_input`) or by a bicubic resize (`"resize"`); normalise; patchify to `pixel_values`
+`pad_input`) or by a bicubic resize (`"resize"`), or resize to a square of the padded long side
+(`"square"`: every image gets the same token grid; for data laid out on a fixed grid such as the
+shapes world's 3x3 cells, whose objects then fall into one token each); normalise; patchify to `pixel_values`
 (N, 3, p, p) in raster order per image and `image_grid_thw` rows (1, h, w).
 
 Text side: each image becomes `<boi>` + `<image>` x (h*w / merge^2) + `<eoi>` (one
 placeholder per merged token; the model scatters the projected features there).
+`vqa_segments` / `caption_segments` lay out the prompts (training and inference both use them):
+`prompt_order="image_first"` is `[image] Question: q Answer:`; `"question_first"` is
+`Question: q [image] Answer:`, so that in the causal decoder the image positions can attend to
+the question (conditional encoding: each image token can work out whether it is the object
+asked about). The order is saved with the processor.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
+from mmkit.data import templates as T
+
 import numpy as np
 import torch
 from PIL import Image
@@ -25,6 +34,7 @@ from PIL import Image
 from mmkit.errors import UsageError
 
 PROCESSOR_FILE = "kimivl_processor.json"
+PROMPT_ORDERS = ("image_first", "question_first")
 
 
 @dataclass
@@ -33,7 +43,7 @@ class ImageProcessorConfig:
     merge_size: int = 2
     max_patches: int = 16384
     max_patches_per_side: int = 512
-    pad_mode: Literal["pad", "resize"] = "pad"
+    pad_mode: Literal["pad", "resize", "square"] = "pad"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
@@ -52,19 +62,27 @@ class KimiVLImageProcessor:
     def __init__(self, config: ImageProcessorConfig | None = None, **kw):
         self.config = config or ImageProcessorConfig(**kw)
 
-    def grid_for(self, height: int, width: int) -> tuple[int, int]:
-        """Patch grid (h, w) an image of this size becomes."""
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) in pixels of the array an image of this size becomes."""
         c = self.config
         _, (ph, pw) = navit_resize(height, width, c.patch_size, c.merge_size, c.max_patches, c.max_patches_per_side)
-        return ph // c.patch_size, pw // c.patch_size
+        if c.pad_mode == "square":
+            ph = pw = max(ph, pw)
+        return ph, pw
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (h, w) an image of this size becomes."""
+        ph, pw = self.padded_size(height, width)
+        return ph // self.config.patch_size, pw // self.config.patch_size
 
     def to_array(self, image: Image.Image) -> np.ndarray:
         """PIL -> resized/padded float32 (3, H, W) in [0, 1]."""
         c = self.config
         image = image.convert("RGB")
         w, h = image.size
-        (rh, rw), (ph, pw) = navit_resize(h, w, c.patch_size, c.merge_size, c.max_patches, c.max_patches_per_side)
-        if c.pad_mode == "resize":
+        (rh, rw), _ = navit_resize(h, w, c.patch_size, c.merge_size, c.max_patches, c.max_patches_per_side)
+        ph, pw = self.padded_size(h, w)
+        if c.pad_mode in ("resize", "square"):
             if (ph, pw) != (h, w):
                 image = image.resize((pw, ph), Image.BICUBIC)
             arr = np.asarray(image, dtype=np.float32) / 255.0
@@ -97,9 +115,13 @@ class KimiVLProcessor:
     """Tokenizer + image processor; `encode` turns an interleaved list into ids and pixels."""
 
     def __init__(self, tokenizer, image_processor: KimiVLImageProcessor | None = None,
-                 image_token: str = "<image>", boi_token: str = "<boi>", eoi_token: str = "<eoi>"):
+                 image_token: str = "<image>", boi_token: str = "<boi>", eoi_token: str = "<eoi>",
+                 prompt_order: str = "image_first"):
+        if prompt_order not in PROMPT_ORDERS:
+            raise UsageError(f"prompt_order must be one of {', '.join(PROMPT_ORDERS)}, got {prompt_order!r}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor or KimiVLImageProcessor()
+        self.prompt_order = prompt_order
         ids = []
         for tok in (image_token, boi_token, eoi_token):
             i = tokenizer.convert_tokens_to_ids(tok)
@@ -117,6 +139,18 @@ class KimiVLProcessor:
 
     def image_token_ids(self, grid_hw: tuple[int, int]) -> list[int]:
         return [self.boi_token_id] + [self.image_token_id] * self.num_image_tokens(grid_hw) + [self.eoi_token_id]
+
+    def vqa_segments(self, image, question: str) -> list:
+        """The segments `encode` takes for one VQA prompt; the answer follows as " {answer}"."""
+        if self.prompt_order == "question_first":
+            prompt = T.vqa_prompt(question)
+            head, tail = prompt.rsplit(" Answer:", 1)  # "Question: q" [image] "Answer:"
+            return [head, image, "Answer:" + tail]
+        return [image, T.vqa_prompt(question)]
+
+    def caption_segments(self, image) -> list:
+        """The segments for a caption prompt (image first in both orders: nothing to condition on)."""
+        return [image, T.caption_prompt()]
 
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -170,19 +204,21 @@ class KimiVLProcessor:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(path)
-        (path / PROCESSOR_FILE).write_text(json.dumps(asdict(self.image_processor.config), indent=2))
+        data = asdict(self.image_processor.config) | {"prompt_order": self.prompt_order}
+        (path / PROCESSOR_FILE).write_text(json.dumps(data, indent=2))
 
     @classmethod
     def from_pretrained(cls, path) -> "KimiVLProcessor":
         from transformers import AutoTokenizer
 
         path = Path(path)
-        cfg = ImageProcessorConfig()
+        cfg, order = ImageProcessorConfig(), "image_first"
         if (path / PROCESSOR_FILE).is_file():
             data = json.loads((path / PROCESSOR_FILE).read_text())
+            order = data.pop("prompt_order", order)  # files written before prompt orders existed: image first
             data["image_mean"], data["image_std"] = tuple(data["image_mean"]), tuple(data["image_std"])
             cfg = ImageProcessorConfig(**data)
-        return cls(AutoTokenizer.from_pretrained(str(path)), KimiVLImageProcessor(cfg))
+        return cls(AutoTokenizer.from_pretrained(str(path)), KimiVLImageProcessor(cfg), prompt_order=order)
 
 
 def collate_left_padded(encoded: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

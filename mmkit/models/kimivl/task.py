@@ -3,6 +3,8 @@
 Every document becomes one sequence in which images are input only:
 - vqa:         <s> [image] "Question: q Answer:" | " answer" </s>, then `data.extra_questions`
                more turns "Question: q Answer:" | " a" </s> generated from the image's scene graph
+               (`model.prompt_order: question_first`: <s> "Question: q" [image] "Answer:" | ...; with
+               `data.repeat_image` every extra turn has the image again, laid out the same way)
 - caption:     <s> [image] "Caption:"            | " caption" </s>
 - interleaved: <s> text [image] text [image] ... </s>, loss on every text token after the
                first image (and the final </s>)
@@ -39,7 +41,7 @@ class KimiVLModelSection:
     open_clip: dict | None = None  # {"name": ..., "pretrained": <local file or null>}: vision init
     max_patches: int = 16384  # processor: cap on patches per image (downscale above)
     max_patches_per_side: int = 512
-    pad_mode: Literal["pad", "resize"] = "pad"
+    pad_mode: Literal["pad", "resize", "square"] = "pad"
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_token: str = "<image>"  # media token names in the text tokenizer (Kimi: <|media_pad|> ...)
@@ -47,10 +49,17 @@ class KimiVLModelSection:
     eoi_token: str = "<eoi>"
     max_len: int = 1024  # documents longer than this (after image expansion) are cut or skipped
     freeze_vision: bool = False
+    # processor prompt layout (saved with the model, used by inference): "image_first" or
+    # "question_first" (the question before the image: the image positions can attend to it)
+    prompt_order: Literal["image_first", "question_first"] = "image_first"
     # std of the decoder's attention q / kv projections at init (None: the model's 0.02). From
     # scratch, a larger value makes the answer-to-image attention selective sooner (looking an
     # object up by position or attribute); ignored with init_from.
     attention_init_std: float | None = None
+    # std of MoonViT's learned position table at init (None: 0.02). From scratch, a table on the
+    # scale of the patch features makes an object's token say where it is from the first step
+    # ("where is the X?"); ignored with init_from.
+    pos_emb_init_std: float | None = None
 
 
 @dataclass
@@ -67,6 +76,10 @@ class KimiVLDataSection:
     # scene graph (`scenes`) with the data set's generator (mmkit.data.shapes.more_vqa);
     # fresh questions each epoch (hashed from seed, key and the reader's __epoch__). 0 = only the doc's own question.
     extra_questions: int = 0
+    # every extra question turn carries the image again in the processor's VQA layout (with
+    # question_first: each question gets its own question-conditioned image positions; the ViT
+    # runs once per turn)
+    repeat_image: bool = False
 
     def __post_init__(self):
         bad = [k for k in list(self.kinds) + list(self.weights) if k not in ("vqa", "caption", "interleaved")]
@@ -80,10 +93,10 @@ class ExampleBuilder:
     """map_fn (runs in DataLoader workers; picklable): reader doc -> token ids, labels, pixels."""
 
     def __init__(self, tokenizer_dir: str, proc_cfg: dict, max_len: int, kinds: list[str], tokens: dict | None = None,
-                 extra_questions: int = 0, seed: int = 0):
+                 extra_questions: int = 0, seed: int = 0, repeat_image: bool = False):
         self.tokenizer_dir, self.proc_cfg, self.max_len, self.kinds = tokenizer_dir, proc_cfg, max_len, kinds
         self.tokens = tokens or {}
-        self.extra_questions, self.seed = extra_questions, seed
+        self.extra_questions, self.seed, self.repeat_image = extra_questions, seed, repeat_image
         self._proc = None
 
     def __getstate__(self):
@@ -109,18 +122,18 @@ class ExampleBuilder:
                 return None
             if kind == "vqa":
                 question = meta.get("question") or next(t for t in texts if t)
-                prompt, target = T.vqa_prompt(question), T.vqa_target(meta["answer"])
+                segments, target = proc.vqa_segments(image, question), T.vqa_target(meta["answer"])
             else:
                 caption = next((t for t in texts if t), None)
                 if caption is None:
                     return None
-                prompt, target = T.caption_prompt(), T.caption_target(caption)
-            enc = proc.encode([image, prompt])
+                segments, target = proc.caption_segments(image), T.caption_target(caption)
+            enc = proc.encode(segments)
             tgt = proc.text_ids(target) + [proc.tokenizer.eos_token_id]
             ids = enc["input_ids"] + tgt
             labels = [IGNORE] * len(enc["input_ids"]) + tgt
             if kind == "vqa" and self.extra_questions:
-                ids, labels = self._more_questions(doc, ids, labels)
+                ids, labels, enc = self._more_questions(doc, image, ids, labels, enc)
         else:
             segs = [im if im is not None else t for t, im in zip(texts, images) if (im is not None or t)]
             if not any(not isinstance(s, str) for s in segs):
@@ -144,10 +157,12 @@ class ExampleBuilder:
                 "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
 
 
-    def _more_questions(self, doc: dict, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    def _more_questions(self, doc: dict, image, ids: list[int], labels: list[int], enc: dict):
         """Append `data.extra_questions` turns `Question: q Answer:` | ` a</s>` about the doc's
-        image (mmkit.data.shapes.more_vqa; only answers carry loss). The questions are a pure
-        function of (seed, key, epoch): fresh each epoch, identical after a resume."""
+        image (mmkit.data.shapes.more_vqa; only answers carry loss); with `repeat_image` each turn
+        is the processor's full VQA layout, image included. The questions are a pure function of
+        (seed, key, epoch): fresh each epoch, identical after a resume. Returns ids, labels and
+        `enc` (pixels extended, image spans of the first turn only: the cut check needs those)."""
         import random
 
         from mmkit.data import templates as T
@@ -157,14 +172,24 @@ class ExampleBuilder:
         rng = random.Random(f"{self.seed}:{doc.get('__key__')}:{doc.get('__epoch__', 0)}")
         proc = self.processor
         ids, labels = list(ids), list(labels)
+        pixels, grids = [enc["pixel_values"]], [enc["image_grid_thw"]]
         for q in more_vqa(doc.get("meta", {}), self.extra_questions, rng, image_index=index):
-            prompt = proc.text_ids(T.vqa_prompt(q["question"]))
+            if self.repeat_image:
+                turn = proc.encode(proc.vqa_segments(image, q["question"]), add_bos=False)
+                prompt = turn["input_ids"]
+            else:
+                turn, prompt = None, proc.text_ids(T.vqa_prompt(q["question"]))
             tgt = proc.text_ids(T.vqa_target(q["answer"])) + [proc.tokenizer.eos_token_id]
             if len(ids) + len(prompt) + len(tgt) > self.max_len:
                 break
             ids += prompt + tgt
             labels += [IGNORE] * len(prompt) + tgt
-        return ids, labels
+            if turn is not None:
+                pixels.append(turn["pixel_values"])
+                grids.append(turn["image_grid_thw"])
+        if len(pixels) > 1:
+            enc = dict(enc, pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids))
+        return ids, labels, enc
 
 
 class Collate:
@@ -230,7 +255,8 @@ class KimiVLTask:
         self.proc_cfg = dict(patch_size=patch, merge_size=merge, max_patches=self.cfg.max_patches,
                              max_patches_per_side=self.cfg.max_patches_per_side, pad_mode=self.cfg.pad_mode,
                              image_mean=list(self.cfg.image_mean), image_std=list(self.cfg.image_std))
-        self.tokens = dict(image_token=self.cfg.image_token, boi_token=self.cfg.boi_token, eoi_token=self.cfg.eoi_token)
+        self.tokens = dict(image_token=self.cfg.image_token, boi_token=self.cfg.boi_token, eoi_token=self.cfg.eoi_token,
+                           prompt_order=self.cfg.prompt_order)
         self._processor = None
 
     @property
@@ -269,6 +295,9 @@ class KimiVLTask:
             model = MmkitKimiVLForConditionalGeneration(self.model_config())
             if self.cfg.attention_init_std is not None:
                 _init_attention(model, self.cfg.attention_init_std)
+            if self.cfg.pos_emb_init_std is not None:
+                with torch.no_grad():
+                    model.vision_tower.patch_embed.pos_emb.weight.normal_(0.0, self.cfg.pos_emb_init_std)
         if self.cfg.open_clip:
             import open_clip
 
@@ -285,7 +314,8 @@ class KimiVLTask:
         from mmkit.data import build_stream
 
         builder = ExampleBuilder(self.cfg.text_tokenizer, self.proc_cfg, self.cfg.max_len, list(self.data.kinds),
-                                 self.tokens, extra_questions=self.data.extra_questions, seed=self.seed + rank)
+                                 self.tokens, extra_questions=self.data.extra_questions, seed=self.seed + rank,
+                                 repeat_image=self.data.repeat_image)
         return build_stream(self._sources(), batch_size=batch_size, collate_fn=Collate(self.processor.tokenizer.pad_token_id),
                             map_fn=builder, seed=self.seed, rank=rank, world_size=world_size, num_workers=num_workers,
                             decode_images=True, shuffle_buffer=self.data.shuffle_buffer, infinite=True)
@@ -339,7 +369,7 @@ class KimiVLTask:
             rng = random.Random(f"kimivl-sample:{i}")
             scene = S.random_scene(rng)
             q = S.make_vqa(scene, rng)
-            enc = self.processor.encode([S.render(scene), T.vqa_prompt(q["question"])])
+            enc = self.processor.encode(self.processor.vqa_segments(S.render(scene), q["question"]))
             ids = torch.tensor([enc["input_ids"]])
             new = greedy_generate(model, ids, enc["pixel_values"], enc["image_grid_thw"], max_new_tokens=8,
                                   eos_token_id=self.processor.tokenizer.eos_token_id)
