@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 # All three at the recipe's 2048 codes (FSQ levels multiply to 2048; LFQ: 11 bits).
 QUANTIZERS = {
     "vq (cosine+EMA)": ["model.quantizer=vq"],
-    "fsq 8,8,8,4": ["model.quantizer=fsq", "model.fsq_levels=[8,8,8,4]"],
-    "lfq 2^11": ["model.quantizer=lfq"],
+    # the codebook k-means refit exists only for vq
+    "fsq 8,8,8,4": ["model.quantizer=fsq", "model.fsq_levels=[8,8,8,4]", "model.loss.codebook_refit_batches=0"],
+    "lfq 2^11": ["model.quantizer=lfq", "model.loss.codebook_refit_batches=0"],
 }
 
 

@@ -113,3 +113,17 @@ def test_psnr_ssim_known_values():
     torch.testing.assert_close(psnr(x, y), 10 * torch.log10(1 / mse))
     torch.testing.assert_close(ssim(x, x), torch.ones(2))
     assert bool((ssim(x, y) < 1).all()) and bool((ssim(x, torch.rand(2, 3, 16, 16)) < 0.2).all())
+
+
+def test_quantizer_runs_fp32_under_bf16_autocast():
+    """bf16 training: the nearest-code search must pick the codes fp32 encode picks."""
+    torch.manual_seed(0)
+    model = tiny(codebook_size=2048, embed_dim=8).eval()  # many close codes: bf16 search would differ
+    z = torch.randn(4, 8, 8, 8)  # (B, D, h, w) quant_conv output
+    zq32, codes32, _ = model.quantize(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zq, codes, _ = model.quantize(z)
+        codes_again = model.quantize(z)[1]
+    assert zq.dtype == torch.float32
+    assert torch.equal(codes, codes32) and torch.equal(codes, codes_again)
+    assert torch.equal(zq, zq32)

@@ -32,10 +32,16 @@ class VQLossConfig:
     disc_start: int = 0  # optimizer step at which the adversarial loss switches on
     disc_channels: int = 64
     disc_layers: int = 3
+    # After the last step (before saving `final/`): k-means refit of the vq codebook on the
+    # latents of this many training batches (0 = off; see Quantizer.refit_codebook).
+    codebook_refit_batches: int = 0
+    codebook_refit_iters: int = 10
 
     def __post_init__(self):
         if self.disc_weight < 0 or self.perceptual_weight < 0 or self.recon_weight < 0:
             raise ValueError("loss weights must be >= 0")
+        if self.codebook_refit_batches < 0 or self.codebook_refit_iters < 1:
+            raise ValueError("codebook_refit_batches must be >= 0 and codebook_refit_iters >= 1")
 
 
 class PatchDiscriminator(nn.Module):

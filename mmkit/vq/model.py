@@ -337,6 +337,13 @@ class Quantizer(nn.Module):
             )
 
     def forward(self, z):  # (B, D, h, w)
+        # Always fp32, also under bf16 autocast: nearest-code search in bf16 picks different
+        # codes than fp32 encode (the library only disables CUDA autocast), and EMA statistics
+        # need the precision.
+        with torch.autocast(z.device.type, enabled=False):
+            return self._forward(z.float())
+
+    def _forward(self, z):  # (B, D, h, w) fp32
         B, D, h, w = z.shape
         x = z.permute(0, 2, 3, 1).reshape(B, h * w, D)  # (B, N, D)
         if self.kind == "vq":
@@ -348,6 +355,52 @@ class Quantizer(nn.Module):
             zq, codes, aux = self.impl(x)
         zq = zq.reshape(B, h, w, D).permute(0, 3, 1, 2)
         return zq, codes.reshape(B, h, w).long(), aux.reshape(()) if aux.numel() == 1 else aux.mean()
+
+    @torch.no_grad()
+    def refit_codebook(self, z: torch.Tensor, iters: int = 10, chunk: int = 8192) -> dict[str, float]:
+        """k-means (Lloyd) refinement of the `vq` codebook on latents z (N, D), started from it.
+
+        The EMA codebook with dead-code re-seeding ends training as a set of recently re-seeded
+        batch vectors, not cluster centres; a few Lloyd steps on training latents halve the
+        quantization error (docs/tokenizers.md). Empty clusters take the worst-fitted latents.
+        Returns the mean squared quantization error before and after.
+        """
+        if self.kind != "vq":
+            raise UsageError(f"codebook refit needs quantizer 'vq', not '{self.kind}'")
+        cb = self.impl._codebook
+        cosine = bool(cb.use_cosine_sim)
+        x = z.detach().float().reshape(-1, z.shape[-1])  # (N, D)
+        if cosine:
+            x = F.normalize(x, dim=-1)
+        E = cb.embed.data[0].float().clone()  # (K, D)
+        K = E.shape[0]
+
+        def assign(E):  # -> code (N,), squared distance (N,)
+            idx, err = [], []
+            e2 = E.pow(2).sum(-1)  # (K,)
+            for xs in x.split(chunk):
+                d = xs.pow(2).sum(-1, keepdim=True) - 2 * xs @ E.T + e2  # (n, K)
+                m, i = d.min(-1)
+                idx.append(i)
+                err.append(m.clamp(min=0))
+            return torch.cat(idx), torch.cat(err)
+
+        idx, err = assign(E)
+        before = float(err.mean())
+        for _ in range(iters):
+            counts = torch.bincount(idx, minlength=K)  # (K,)
+            sums = torch.zeros_like(E).index_add_(0, idx, x)
+            new = sums / counts.clamp(min=1)[:, None].float()
+            if cosine:
+                new = F.normalize(new, dim=-1)
+            dead = counts == 0
+            if dead.any():  # re-seed empty clusters with the worst-fitted latents
+                new[dead] = x[err.argsort(descending=True)[: int(dead.sum())]]
+            E = new
+            idx, err = assign(E)
+        cb.embed.data[0] = E.to(cb.embed.dtype)
+        cb.embed_avg.data[0] = (E * cb.cluster_size.data[0, :, None]).to(cb.embed_avg.dtype)  # keep EMA consistent
+        return {"qerr_before": before, "qerr_after": float(err.mean())}
 
     def embed(self, codes):  # (B, h, w) long -> (B, D, h, w)
         B, h, w = codes.shape

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,9 @@ class VQTask:
         if self.data_cfg.crop % self.vq_cfg.downsample or self.data_cfg.crop < self.vq_cfg.downsample:
             raise UsageError(f"data.crop {self.data_cfg.crop} must be a positive multiple of the "
                              f"downsampling factor {self.vq_cfg.downsample}")
+        if self.loss_cfg.codebook_refit_batches and self.vq_cfg.quantizer != "vq":
+            raise UsageError(f"model.loss.codebook_refit_batches: the codebook refit needs quantizer 'vq', not "
+                             f"'{self.vq_cfg.quantizer}' (set it to 0)")
         self.seed, self.out_dir = seed, out_dir
 
     def build_model(self) -> nn.Module:
@@ -154,7 +158,27 @@ class VQTask:
         save_grid(torch.cat([x, y]), Path(out_dir) / f"vq_step{step:07d}.png", nrow=len(x))
 
     def save_final(self, model: nn.Module, out_dir: str) -> None:
-        getattr(model, "module", model).vq.save_pretrained(out_dir)
+        vq = getattr(model, "module", model).vq
+        if self.loss_cfg.codebook_refit_batches:
+            self.refit_codebook(vq)
+        vq.save_pretrained(out_dir)
+
+    @torch.no_grad()
+    def refit_codebook(self, vq: VQModel, batch_size: int = 16) -> dict[str, float]:
+        """k-means refit of the codebook on the latents of `codebook_refit_batches` training batches."""
+        was_training = vq.training
+        vq.eval()
+        device = next(vq.parameters()).device
+        latents = []
+        stream = iter(self.batches(batch_size=batch_size))
+        for _ in range(self.loss_cfg.codebook_refit_batches):
+            z = vq.quant_conv(vq.encoder(next(stream)["images"].to(device)))  # (B, D, h, w)
+            latents.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())
+        stats = vq.quantize.refit_codebook(torch.cat(latents), iters=self.loss_cfg.codebook_refit_iters)
+        vq.train(was_training)
+        print(f"mmkit train: codebook refit on {sum(len(t) for t in latents)} latents: quantization error "
+              f"{stats['qerr_before']:.5f} -> {stats['qerr_after']:.5f}", file=sys.stderr, flush=True)
+        return stats
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
