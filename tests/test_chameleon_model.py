@@ -289,3 +289,81 @@ def test_activation_checkpointing_same_gradients():
     model(ids, labels=ids).loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-5)
+
+
+def test_image_pos_embed_rows_columns_cache_and_documents():
+    """Option image_pos_embed: codes get (row, column) counted from boi / eor; cached decoding
+    (chunked prefill + decode_step) and packed documents give the full-forward numbers."""
+    from mmkit.models.chameleon.model import image_grid_state
+
+    EOR, SIZE = 207, 210
+    cfg = tiny_cfg(eor_token_id=EOR, size_token_offset=SIZE, max_grid_size=16, image_pos_embed=True)
+    model = MmkitChameleonForCausalLM(cfg).eval()
+    assert not model.model.grid_embed.row.detach().any()  # zero init: starts as plain Chameleon
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.model.grid_embed.row.normal_(0, 0.5)
+        model.model.grid_embed.col.normal_(0, 0.5)
+    h, w = 2, 3
+    codes = torch.randint(4, 4 + NIMG, (h, w))
+    span = [BOI, SIZE + h, SIZE + w] + [t for r in codes.tolist() for t in r + [EOR]] + [EOI]
+    ids = torch.tensor([[1, 240, 250] + span + [260, 270]])  # (1, 17); text ids outside [4, 204)
+    state = image_grid_state(ids, cfg)[0]
+    cells = [(int(r), int(c) - 1) for (r, c), t in zip(state, ids[0]) if cfg.is_image_token(t)]
+    assert cells == [(r, c) for r in range(h) for c in range(w)]
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.make_cache(1, 32, torch.float32, "cpu")
+        got = [model(ids[:, :5], cache=cache, cache_position=0).logits[:, -1:],
+               model(ids[:, 5:9], cache=cache, cache_position=5).logits]  # chunked prefill mid-image
+        for t in range(9, ids.shape[1]):
+            got.append(model.decode_step(ids[:, t:t + 1], torch.tensor([[t]]), cache, t)[:, None])
+        torch.testing.assert_close(torch.cat(got, 1), full[:, 4:], atol=1e-5, rtol=0)
+        packed = torch.cat([ids, ids], 1)  # the second document's image restarts at row 0
+        doc_ids = torch.cat([torch.zeros_like(ids), torch.ones_like(ids)], 1)
+        torch.testing.assert_close(model(packed, doc_ids=doc_ids).logits, torch.cat([full, full], 1),
+                                   atol=1e-5, rtol=0)
+        model.model.grid_embed.col.zero_()
+        assert (model(ids).logits - full).abs().max() > 1e-3  # the column embedding is used
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_image_pos_embed_sampler_image_mode_matches_full_forward(cfg_scale):
+    """The fast sampler (prefill + decode_step, CFG rows, left padding) with row/column
+    embeddings: greedy codes == the argmax over codes of a full no-cache forward of the result."""
+    from mmkit.generation.sampler import SamplingParams, generate, left_pad
+
+    EOR, SIZE = 207, 210
+    cfg = tiny_cfg(eor_token_id=EOR, size_token_offset=SIZE, max_grid_size=16, image_pos_embed=True,
+                   image_grid_h=3, image_grid_w=4)
+    torch.manual_seed(1)
+    model = MmkitChameleonForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.grid_embed.row.normal_(0, 1.0)
+        model.model.grid_embed.col.normal_(0, 1.0)
+    prompts = [[1, 240, 250, 260, BOI], [1, 270, BOI]]
+    ids, mask = left_pad(prompts, 0)
+    uncond = torch.tensor([[1, 280, BOI]])
+    kw = dict(cfg_scale=cfg_scale, uncond_input_ids=uncond) if cfg_scale != 1.0 else {}
+    out = generate(model, ids, 3 * 5 + 3, attention_mask=mask, mode="image",
+                   image_sampling=SamplingParams(do_sample=False), **kw)
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            seq = torch.tensor([p + out[b].tolist()])
+            lg = model(seq).logits[0, len(p) - 1:-1, 4:4 + NIMG].float()  # (new, codes)
+            if cfg_scale != 1.0:
+                useq = torch.tensor([uncond[0].tolist() + out[b].tolist()])
+                ul = model(useq).logits[0, uncond.shape[1] - 1:-1, 4:4 + NIMG].float()
+                lg = lg + (cfg_scale - 1.0) * (lg - ul)
+            is_code = cfg.is_image_token(out[b])
+            assert int(is_code.sum()) == 12
+            assert torch.equal(out[b][is_code], lg.argmax(-1)[is_code] + 4)
+
+
+def test_export_refuses_image_pos_embed(tmp_path):
+    """transformers' Chameleon has no row/column embeddings: exporting would drop trained weights."""
+    from mmkit.errors import MmkitError
+
+    cfg = tiny_cfg(eor_token_id=207, size_token_offset=210, max_grid_size=16, image_pos_embed=True)
+    with pytest.raises(MmkitError, match="image_pos_embed"):
+        export_to_transformers(MmkitChameleonForCausalLM(cfg), tmp_path)

@@ -157,11 +157,15 @@ def test_task_stream_encodes_with_vq_and_saves_self_contained_dir(tokenizer, tmp
     VQModel(VQConfig(base_channels=8, channel_multiplier=[1, 1, 1, 1], latent_channels=8, embed_dim=4,
                      codebook_size=N_CODES, norm_groups=4, mid_attn=False)).save_pretrained(vq_dir)
     task = ChameleonTask({"text_tokenizer": str(tok_dir), "vq": str(vq_dir), "hidden_size": 64,
-                          "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2},
+                          "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "multires": True, "max_grid_size": 16, "image_pos_embed": True, "qk_norm_init": 2.0,
+                          "image_embed_init": "vq_mask", "vqa_question_first": True},
                          {"sources": str(tmp_path / "data" / "train"), "vq_encode": True, "seq_len": 256,
-                          "kind_weights": {"vqa": 1.0, "caption": 1.0, "interleaved": 1.0}}, seed=0)
+                          "vary_per_epoch": True, "kind_weights": {"vqa": 1.0, "caption": 1.0, "interleaved": 1.0}},
+                         seed=0)
     model = task.build_model()
     assert model.config.image_grid_h == 8 and model.config.num_image_tokens == N_CODES
+    assert bool((model.model.layers[0].attn.q_norm.weight == 2.0).all()) and model.config.vqa_question_first
     assert model.config.image_token_offset == len(tokenizer)
     batch = next(iter(task.batches(batch_size=4)))
     assert cfg_has_images(model.config, batch["input_ids"])
@@ -300,3 +304,58 @@ def test_multires_pipeline_reads_images_at_their_own_size(tokenizer):
     assert toks.count(tokenizer.convert_tokens_to_ids("<eor>")) == 6
     fixed = ChameleonPipeline(MmkitChameleonForCausalLM(make_config(tokenizer)), tokenizer, vq)
     assert tuple(fixed.encode_images([img]).shape[1:]) == (64 // f, 64 // f)  # fixed-size model: resize + crop
+
+
+def test_vqa_question_first_layout_is_the_pipeline_prompt(tokenizer):
+    """Option vqa_question_first: "Question: q" precedes the image as well; the pipeline's
+    VQA prompt is exactly the training sequence up to the answer."""
+    from PIL import Image
+
+    from mmkit.generation.pipelines import ChameleonPipeline
+    from mmkit.vq.model import VQConfig, VQModel
+
+    cfg = make_config(tokenizer, multires=True, vqa_question_first=True)
+    proc = ChameleonProcessor.from_config(tokenizer, cfg)
+    doc = reader_doc("vqa", 0)
+    codes = torch.tensor(doc["meta"]["image_codes"][0]["codes"]).view(GRID, GRID)
+    q = doc["meta"]["question"]
+    enc = proc.encode_vqa(doc)
+    prefix = [cfg.bos_token_id] + proc.text_ids(f"Question: {q}")
+    img = proc.image_ids(codes)
+    prompt = prefix + img + proc.text_ids(templates.vqa_prompt(q))
+    assert enc.input_ids[:len(prompt)] == prompt and proc.vqa_prompt_ids(codes, q) == prompt
+    assert not any(enc.supervised[:len(prompt)]) and all(enc.supervised[len(prompt):])
+    plain = ChameleonProcessor.from_config(tokenizer, make_config(tokenizer, multires=True))
+    assert plain.encode_vqa(doc).input_ids == [cfg.bos_token_id] + img + enc.input_ids[len(prefix) + len(img):]
+    vq = VQModel(VQConfig(base_channels=8, channel_multiplier=[1, 1, 1, 1], latent_channels=8, embed_dim=4,
+                          codebook_size=N_CODES, norm_groups=4, mid_attn=False, resolution=64)).eval()
+    pipe = ChameleonPipeline(MmkitChameleonForCausalLM(cfg), tokenizer, vq)
+    seen = []
+    pipe._run_text = lambda prompts, max_new_tokens=None: seen.extend(prompts) or ["yes"] * len(prompts)
+    im = Image.new("RGB", (32, 32), (200, 30, 30))
+    assert pipe.answer([im], [q]) == ["yes"]
+    assert seen == [proc.vqa_prompt_ids(pipe.encode_images([im])[0], q)]
+
+
+def test_vary_per_epoch_draws_new_questions_and_captions(tokenizer):
+    """data.vary_per_epoch: epoch 0 encodes as without the option, later epochs ask other
+    questions and use other caption phrasings of the same scene (parse_caption recovers it)."""
+    from mmkit.data.shapes import parse_caption
+
+    proc = ChameleonProcessor.from_config(tokenizer, make_config(tokenizer))
+    fixed = EncodeDoc(proc, ChameleonDataConfig(vqa_extra_questions=4), seed=0)
+    vary = EncodeDoc(proc, ChameleonDataConfig(vqa_extra_questions=4, vary_per_epoch=True, cond_dropout=0.0), seed=0)
+    doc = reader_doc("vqa", 4)
+    first = fixed(doc)
+    assert fixed({**doc, "__epoch__": 3}) == first and vary({**doc, "__epoch__": 0}) == first
+    later = [vary({**doc, "__epoch__": e})[0][0] for e in (1, 2, 3)]
+    assert any(ids != first[0][0] for ids in later)
+    cap = reader_doc("caption", 5)
+    want = sorted(map(str, parse_caption(cap["texts"][1])))
+    texts = set()
+    for e in range(1, 6):
+        (c_ids, c_w), (t_ids, t_w) = vary({**cap, "__epoch__": e})
+        target = tokenizer.decode([t for t, w in zip(c_ids, c_w) if w][:-1]).strip()
+        assert sorted(map(str, parse_caption(target))) == want  # the same scene, maybe other words
+        texts.add(target)
+    assert len(texts) > 1

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from mmkit.data.templates import caption_prompt, postprocess_answer, t2i_prompt, vqa_prompt
+from mmkit.data.templates import caption_prompt, postprocess_answer, t2i_prompt
 from mmkit.errors import MmkitError, UsageError
 from mmkit.generation.sampler import (
     IMAGE_SAMPLING,
@@ -190,7 +190,8 @@ class ChameleonPipeline(_TextMixin):
     def answer(self, images, questions) -> list[str]:
         if len(images) != len(questions):
             raise UsageError(f"{len(images)} images but {len(questions)} questions")
-        prompts = [self._image_prompt(im, vqa_prompt(q)) for im, q in zip(images, questions)]
+        codes = self.encode_images(list(images))
+        prompts = [self.processor.vqa_prompt_ids(c, q) for c, q in zip(codes, questions)]  # training's layout
         return [postprocess_answer(a) for a in self._run_text(prompts)]
 
     def caption(self, images) -> list[str]:

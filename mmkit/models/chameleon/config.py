@@ -51,6 +51,13 @@ class MmkitChameleonConfig(PretrainedConfig):
     eor_token_id: int | None = None
     size_token_offset: int | None = None
     max_grid_size: int = 0
+    # mmkit-only (not in Chameleon, default off so converted checkpoints stay exact): learned
+    # row + column embeddings added to image-code tokens (needs the multires layout: the
+    # row/column of a code is counted from boi / eor in the token stream)
+    image_pos_embed: bool = False
+    # mmkit-only layout (processor + pipeline): a VQA prompt names the question before the
+    # image too, so the image tokens are read with the question in view
+    vqa_question_first: bool = False
     # kept from a transformers checkpoint (name -> id), so export writes it back unchanged
     vocabulary_map: dict | None = None
     hf_vq_config: dict | None = None  # the source checkpoint's VQGAN config (weights not kept)
@@ -66,6 +73,8 @@ class MmkitChameleonConfig(PretrainedConfig):
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.image_pos_embed and (self.eor_token_id is None or self.max_grid_size <= 0):
+            raise ValueError("image_pos_embed needs the multires layout (eor_token_id, max_grid_size > 0)")
         if self.image_token_offset + self.num_image_tokens > self.vocab_size:
             raise ValueError("image codes [image_token_offset, +num_image_tokens) exceed vocab_size")
 

@@ -194,6 +194,9 @@ def transformers_config_dict(cfg) -> dict:
     """mmkit config -> transformers ChameleonConfig kwargs."""
     if not cfg.qk_norm:
         raise MmkitError("transformers' Chameleon always uses QK-norm; cannot export a model with qk_norm=false")
+    if getattr(cfg, "image_pos_embed", False):
+        raise MmkitError("transformers' Chameleon has no image row/column embeddings; cannot export a model with "
+                         "image_pos_embed=true")
     vq = cfg.hf_vq_config or dict(  # a tiny VQGAN config (weights are not exported; see module doc)
         embed_dim=32, num_embeddings=cfg.num_image_tokens, latent_channels=32, resolution=64, base_channels=32,
         channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[],

@@ -9,6 +9,7 @@ it writes at inference. Images come as VQ codes (the `image_codes` field added b
 
 Training formats use `mmkit.data.templates` (same strings as inference):
   vqa:         bos image "Question: q Answer:" " a" eos         (loss on " a" eos)
+               (question_first: bos "Question: q" image "Question: q Answer:" " a" eos)
                [+ more "Question: .. Answer:" " a" eos turns about the same image, optional]
   caption:     bos image "Caption:" " c" eos                    (loss on " c" eos)
   t2i:         bos "Draw: c" image eos                          (loss on the image span + eos)
@@ -49,8 +50,9 @@ class ChameleonProcessor:
 
     def __init__(self, tokenizer, *, bos_token_id: int, eos_token_id: int, boi_token_id: int, eoi_token_id: int,
                  image_token_offset: int, num_image_tokens: int, eor_token_id: int | None = None,
-                 size_token_offset: int | None = None, max_grid_size: int = 0, vq=None):
-        self.tokenizer, self.vq = tokenizer, vq
+                 size_token_offset: int | None = None, max_grid_size: int = 0, vq=None,
+                 question_first: bool = False):
+        self.tokenizer, self.vq, self.question_first = tokenizer, vq, question_first
         self.bos, self.eos, self.boi, self.eoi = bos_token_id, eos_token_id, boi_token_id, eoi_token_id
         self.offset, self.n_codes = image_token_offset, num_image_tokens
         self.eor, self.size_offset, self.max_grid = eor_token_id, size_token_offset, max_grid_size
@@ -63,7 +65,8 @@ class ChameleonProcessor:
                    boi_token_id=config.boi_token_id, eoi_token_id=config.eoi_token_id,
                    image_token_offset=config.image_token_offset, num_image_tokens=config.num_image_tokens,
                    eor_token_id=config.eor_token_id, size_token_offset=config.size_token_offset,
-                   max_grid_size=config.max_grid_size, vq=vq)
+                   max_grid_size=config.max_grid_size, vq=vq,
+                   question_first=bool(getattr(config, "vqa_question_first", False)))
 
     # -- pieces -------------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
@@ -84,6 +87,15 @@ class ChameleonProcessor:
         for row in rows:
             ids += row + ([self.eor] if self.eor is not None else [])
         return ids + [self.eoi]
+
+    def vqa_prefix(self, question: str) -> list[int]:
+        """bos [+ "Question: q" when question_first]: what precedes the image of a VQA prompt."""
+        return [self.bos] + (self.text_ids(templates.vqa_prompt(question).rsplit(" Answer:", 1)[0])
+                             if self.question_first else [])
+
+    def vqa_prompt_ids(self, codes, question: str) -> list[int]:
+        """The inference prompt of a VQA question (the training layout up to the answer)."""
+        return self.vqa_prefix(question) + self.image_ids(codes) + self.text_ids(templates.vqa_prompt(question))
 
     def codes_of(self, doc: dict, i: int):
         """Codes (h, w) of image i of a reader doc: stored `image_codes`, else the VQ encoder."""
@@ -133,28 +145,31 @@ class ChameleonProcessor:
         meta = doc.get("meta") or {}
         i = self._image_index(doc)
         img = self.image_ids(self.codes_of(doc, i))
-        parts = [([self.bos], False, TEXT), (img, supervise_prompt, IMAGE)]
+        parts = [(self.vqa_prefix(meta["question"]), False, TEXT), (img, supervise_prompt, IMAGE)]
         for qa in [meta] + more_vqa(meta, extra_questions, rng or random.Random(0), image_index=i):
             parts.append((self.text_ids(templates.vqa_prompt(qa["question"])), supervise_prompt, TEXT))
             parts.append((self.text_ids(templates.vqa_target(qa["answer"])) + [self.eos], True, TEXT))
         return self._seq(parts, "vqa")
 
-    def _caption_text(self, doc: dict) -> str:
+    def _caption_text(self, doc: dict, override: str | None = None) -> str:
+        if override:
+            return override
         texts = [t for t in doc["texts"] if t]
         if not texts:
             raise UsageError(f"{doc.get('__key__', 'doc')}: caption sample without text")
         return texts[0]
 
-    def encode_caption(self, doc: dict, supervise_prompt: bool = False) -> Encoded:
+    def encode_caption(self, doc: dict, supervise_prompt: bool = False, text: str | None = None) -> Encoded:
         img = self.image_ids(self.codes_of(doc, self._image_index(doc)))
         prompt = self.text_ids(templates.caption_prompt())
-        target = self.text_ids(templates.caption_target(self._caption_text(doc))) + [self.eos]
+        target = self.text_ids(templates.caption_target(self._caption_text(doc, text))) + [self.eos]
         return self._seq([([self.bos], False, TEXT), (img, supervise_prompt, IMAGE), (prompt, supervise_prompt, TEXT),
                           (target, True, TEXT)], "caption")
 
-    def encode_t2i(self, doc: dict, drop_condition: bool = False, supervise_prompt: bool = False) -> Encoded:
+    def encode_t2i(self, doc: dict, drop_condition: bool = False, supervise_prompt: bool = False,
+                   text: str | None = None) -> Encoded:
         """Text-to-image; `drop_condition` replaces the caption by the unconditional prompt (CFG)."""
-        caption = None if drop_condition else self._caption_text(doc)
+        caption = None if drop_condition else self._caption_text(doc, text)
         prompt = self.text_ids(templates.t2i_prompt(caption))
         img = self.image_ids(self.codes_of(doc, self._image_index(doc)))
         return self._seq([([self.bos], False, TEXT), (prompt, supervise_prompt, TEXT), (img, True, IMAGE),
@@ -162,8 +177,10 @@ class ChameleonProcessor:
 
     def encode(self, doc: dict, *, caption_tasks=("caption", "t2i"), cond_dropout: float = 0.0,
                supervise_prompts: bool = False, vqa_extra_questions: int = 0,
-               rng: random.Random | None = None) -> list[Encoded]:
-        """A reader doc -> its training sequences (a caption doc gives one per caption task)."""
+               rng: random.Random | None = None, caption_texts: tuple[str, str] | None = None) -> list[Encoded]:
+        """A reader doc -> its training sequences (a caption doc gives one per caption task);
+        `caption_texts` = (caption target, t2i prompt) replaces the doc's caption."""
+        cap_text, t2i_text = caption_texts or (None, None)
         kind = doc.get("kind")
         if kind == "interleaved":
             return [self.encode_interleaved(doc)]
@@ -172,10 +189,10 @@ class ChameleonProcessor:
         if kind == "caption":
             out = []
             if "caption" in caption_tasks:
-                out.append(self.encode_caption(doc, supervise_prompts))
+                out.append(self.encode_caption(doc, supervise_prompts, text=cap_text))
             if "t2i" in caption_tasks:
                 drop = cond_dropout > 0 and (rng or random).random() < cond_dropout
-                out.append(self.encode_t2i(doc, drop_condition=drop, supervise_prompt=supervise_prompts))
+                out.append(self.encode_t2i(doc, drop_condition=drop, supervise_prompt=supervise_prompts, text=t2i_text))
             return out
         raise UsageError(f"{doc.get('__key__', 'doc')}: unknown sample kind {kind!r}")
 
