@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 FULL = dict(grids=[(8, 12), (16, 16), (20, 24), (24, 32), (28, 40)], vision_layers=6, vision_dim=384,
             vision_heads=6, pos=32, text_dim=256, text_layers=2, experts=8, topk=2, vocab=4096, text_tokens=128,
-            iters=5)
+            iters=9)
 QUICK = dict(grids=[(8, 12), (12, 16), (16, 20)], vision_layers=2, vision_dim=192, vision_heads=3, pos=16,
              text_dim=128, text_layers=2, experts=8, topk=2, vocab=2048, text_tokens=64, iters=3)
 
