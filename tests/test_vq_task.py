@@ -153,3 +153,28 @@ def test_save_final_refits_codebook_when_asked(tmp_path, monkeypatch):
     saved = VQModel.from_pretrained(tmp_path / "final").quantize.impl._codebook.embed
     assert not torch.equal(saved, before) and torch.equal(saved, model.vq.quantize.impl._codebook.embed)
     assert model.vq.training  # mode restored
+
+
+def test_decoder_finetune_trains_only_the_decoder(tmp_path, monkeypatch):
+    """save_final's decoder fine-tune: decoder + post_quant_conv move and fit better; encoder,
+    quant_conv and the codebook (so every code) stay exactly as trained."""
+    import mmkit.vq.evaluate as vq_eval
+    from mmkit.vq.task import image_to_tensor
+
+    images = [image_to_tensor(d["images"][1]) for d in _docs(8)]  # (3, H, W) full images, two sizes
+    monkeypatch.setattr(vq_eval, "iter_shard_images", lambda sources, limit=None: iter(images[:limit]))
+    task = get_task("vq")({**TINY_MODEL, "loss": {"decoder_finetune_steps": 30, "decoder_finetune_lr": 3e-3,
+                                                  "decoder_finetune_bf16": False}},
+                          {"crop": 16, "sources": "unused"}, seed=0, out_dir=str(tmp_path))
+    model = task.build_model()
+    vq = model.vq.eval()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    batch = torch.stack([x for x in images if x.shape == images[0].shape])
+    codes = vq.encode(batch)
+    stats = task.finetune_decoder(vq)
+    assert stats["last_loss"] < stats["first_loss"]
+    after = vq.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+    assert torch.equal(vq.encode(batch), codes)
+    assert all(p.requires_grad for p in vq.parameters())  # trainability restored

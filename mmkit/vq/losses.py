@@ -36,12 +36,22 @@ class VQLossConfig:
     # latents of this many training batches (0 = off; see Quantizer.refit_codebook).
     codebook_refit_batches: int = 0
     codebook_refit_iters: int = 10
+    # Then: fine-tune decoder + post_quant_conv for this many steps on *full* training images
+    # with their codes fixed (0 = off). The network was trained on crops and the codebook has
+    # just moved; this adapts the decoder to both (see VQTask.finetune_decoder).
+    decoder_finetune_steps: int = 0
+    decoder_finetune_lr: float = 1e-3
+    decoder_finetune_images: int = 1500  # training images held in memory for it
+    decoder_finetune_batch: int = 8  # images of one size per step
+    decoder_finetune_bf16: bool = True  # bf16 autocast, as train.mixed_precision: bf16 (false on CPUs without bf16)
 
     def __post_init__(self):
         if self.disc_weight < 0 or self.perceptual_weight < 0 or self.recon_weight < 0:
             raise ValueError("loss weights must be >= 0")
         if self.codebook_refit_batches < 0 or self.codebook_refit_iters < 1:
             raise ValueError("codebook_refit_batches must be >= 0 and codebook_refit_iters >= 1")
+        if self.decoder_finetune_steps < 0 or self.decoder_finetune_images < 1 or self.decoder_finetune_batch < 1:
+            raise ValueError("decoder_finetune_steps must be >= 0, decoder_finetune_images/batch >= 1")
 
 
 class PatchDiscriminator(nn.Module):

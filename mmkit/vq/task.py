@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,62 @@ class VQTask:
         vq = getattr(model, "module", model).vq
         if self.loss_cfg.codebook_refit_batches:
             self.refit_codebook(vq)
+        if self.loss_cfg.decoder_finetune_steps:
+            self.finetune_decoder(vq)
         vq.save_pretrained(out_dir)
+
+    def finetune_decoder(self, vq: VQModel) -> dict[str, float]:
+        """Train decoder + post_quant_conv on full training images whose codes stay fixed.
+
+        Why: the main loop sees crops (cheap) but the tokenizer decodes whole images, whose
+        statistics (GroupNorm, borders) differ, and the refit just moved the codebook. A short
+        decoder-only pass on full images with frozen codes fixes both (+0.9 dB in 400 steps,
+        docs/tokenizers.md); the encoder and codebook, i.e. every code, are unchanged.
+        """
+        from mmkit.vq.evaluate import iter_shard_images  # (evaluate imports this module)
+
+        cfg = self.loss_cfg
+        device = next(vq.parameters()).device
+        vq.eval()
+        images = list(iter_shard_images(self.data_cfg.sources, limit=cfg.decoder_finetune_images))
+        if not images:
+            return {}
+        buckets: dict[tuple, list[int]] = {}
+        for i, x in enumerate(images):
+            buckets.setdefault(tuple(x.shape), []).append(i)
+        codes = [vq.encode(x[None].to(device)) for x in images]  # (1, h, w) each: fixed targets' codes
+        params = [p for n, p in vq.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
+        frozen = {n: p.requires_grad for n, p in vq.named_parameters()}
+        for n, p in vq.named_parameters():
+            p.requires_grad_(n.startswith(("decoder.", "post_quant_conv.")))
+        opt = torch.optim.AdamW(params, lr=cfg.decoder_finetune_lr, betas=(0.9, 0.95), weight_decay=0.0)
+        rng = random.Random(f"{self.seed}-decoder-finetune")
+        sizes = sorted(buckets)
+        vq.train()
+        losses = []
+        for step in range(cfg.decoder_finetune_steps):
+            for g in opt.param_groups:  # cosine to 0
+                g["lr"] = cfg.decoder_finetune_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_finetune_steps))
+            idx = buckets[rng.choice(sizes)]
+            idx = rng.sample(idx, min(cfg.decoder_finetune_batch, len(idx)))
+            x = torch.stack([images[i] for i in idx]).to(device)  # (b, 3, H, W)
+            c = torch.cat([codes[i] for i in idx])  # (b, h, w)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.decoder_finetune_bf16):
+                y = vq.decoder(vq.post_quant_conv(vq.quantize.embed(c)))
+            err = y.float() - x
+            loss = sum(err.abs().mean() if kind == "l1" else err.square().mean() for kind in cfg.recon.split("+"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        k = max(1, len(losses) // 10)  # batches differ in size and content: compare averages
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        for n, p in vq.named_parameters():
+            p.requires_grad_(frozen[n])
+        vq.eval()
+        print(f"mmkit train: decoder fine-tune on {len(images)} full images, {cfg.decoder_finetune_steps} steps: "
+              f"mean loss of the first / last 10% {first:.4f} -> {last:.4f}", file=sys.stderr, flush=True)
+        return {"first_loss": first, "last_loss": last}
 
     @torch.no_grad()
     def refit_codebook(self, vq: VQModel, batch_size: int = 16) -> dict[str, float]:
