@@ -8,7 +8,10 @@ at the position where the template puts the image.
 from __future__ import annotations
 
 # Image first, then the question; the model continues with " {answer}" and eos.
-VQA_PROMPT = "Question: {question} Answer:"
+# (Question-first layouts put VQA_QUESTION before the image and VQA_ANSWER_CUE after it.)
+VQA_QUESTION = "Question: {question}"
+VQA_ANSWER_CUE = "Answer:"
+VQA_PROMPT = VQA_QUESTION + " " + VQA_ANSWER_CUE
 # Image first, then this prompt; the model continues with " {caption}" and eos.
 CAPTION_PROMPT = "Caption:"
 # Text first, then the image (Chameleon family); condition dropout replaces the
@@ -19,6 +22,11 @@ T2I_UNCOND = "Draw:"
 
 def vqa_prompt(question: str) -> str:
     return VQA_PROMPT.format(question=question.strip())
+
+
+def vqa_question(question: str) -> str:
+    """The question half of `vqa_prompt` (without the answer cue)."""
+    return VQA_QUESTION.format(question=question.strip())
 
 
 def vqa_target(answer: str) -> str:

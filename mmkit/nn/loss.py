@@ -59,6 +59,12 @@ def fused_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torc
     logits (N, V), target (N,), weight (N,) optional per-row weight. The caller divides by
     its normaliser (number of supervised tokens) and applies the z-loss coefficient.
     """
-    w = (target != IGNORE_INDEX).float() if weight is None else weight.float() * (target != IGNORE_INDEX)
+    valid = target != IGNORE_INDEX
+    if 2 * int(valid.sum()) < logits.shape[0]:  # mostly unsupervised rows (prompts, image tokens, padding): skip them
+        idx = valid.nonzero().squeeze(1)
+        logits, target = logits.index_select(0, idx), target.index_select(0, idx)
+        weight, valid = (weight.index_select(0, idx) if weight is not None else None), valid.index_select(0, idx)
+    # else: mostly supervised; ignored rows get weight 0 (no row copy)
+    w = valid.float() if weight is None else weight.float() * valid
     chunk = chunk or max(16, (1 << 20) // logits.shape[-1])  # ~4 MB of fp32 per chunk: stays in cache
     return _FusedCrossEntropy.apply(logits, target, w, chunk)

@@ -54,6 +54,16 @@ class VQLossConfig:
             raise ValueError("decoder_finetune_steps must be >= 0, decoder_finetune_images/batch >= 1")
 
 
+def reconstruction_loss(diff: torch.Tensor, recon: str) -> torch.Tensor:
+    """Mean L1 and/or L2 of `diff` (reconstruction - target), as `VQLossConfig.recon` names them."""
+    rec = diff.new_zeros(())
+    if "l1" in recon:
+        rec = rec + diff.abs().mean()
+    if "l2" in recon:
+        rec = rec + diff.pow(2).mean()
+    return rec
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix / taming NLayerDiscriminator) with GroupNorm instead of BatchNorm
     (BatchNorm running stats would not survive the detached-parameter generator pass)."""
@@ -139,11 +149,7 @@ class VQTrainer(nn.Module):
         cfg = self.loss_cfg
         recon, codes, q_loss = self.vq(images)
         diff = recon - images
-        rec = images.new_zeros(())
-        if "l1" in cfg.recon:
-            rec = rec + diff.abs().mean()
-        if "l2" in cfg.recon:
-            rec = rec + diff.pow(2).mean()
+        rec = reconstruction_loss(diff, cfg.recon)
         loss = cfg.recon_weight * rec + cfg.quantizer_weight * q_loss
         metrics = {"recon": float(rec.detach()), "quant": float(q_loss.detach()),
                    "mse": float(diff.detach().pow(2).mean())}

@@ -448,15 +448,23 @@ class VQModel(nn.Module):
         if H % f or W % f:
             raise UsageError(f"image size {H}x{W} is not divisible by the VQ downsampling factor {f}")
 
+    def latents(self, images):
+        """images (B,3,H,W) -> pre-quantization latents (B,D,h,w)."""
+        self._check_images(images)
+        return self.quant_conv(self.encoder(images))
+
+    def decode_latents(self, zq):
+        """(Quantized) latents (B,D,h,w) -> images (B,3,H,W), unclamped and differentiable."""
+        return self.decoder(self.post_quant_conv(zq))
+
     def quantize_images(self, images):
         """images (B,3,H,W) -> (z_q (B,D,h,w), codes (B,h,w), aux loss)."""
-        self._check_images(images)
-        return self.quantize(self.quant_conv(self.encoder(images)))
+        return self.quantize(self.latents(images))
 
     def forward(self, images):
         """Training pass: (reconstruction (B,3,H,W), codes (B,h,w), quantizer aux loss)."""
         zq, codes, aux = self.quantize_images(images)
-        return self.decoder(self.post_quant_conv(zq)), codes, aux
+        return self.decode_latents(zq), codes, aux
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -473,7 +481,7 @@ class VQModel(nn.Module):
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise UsageError(f"VQ code out of range [0, {self.codebook_size}): {int(codes.min())}..{int(codes.max())}")
         zq = self.quantize.embed(codes).to(next(self.parameters()).dtype)
-        return self.decoder(self.post_quant_conv(zq)).clamp(-1, 1)
+        return self.decode_latents(zq).clamp(-1, 1)
 
     # --------------------------------------------------------------- persistence
 

@@ -26,7 +26,7 @@ from torch import nn
 from mmkit.config import from_dict
 from mmkit.errors import UsageError
 from mmkit.train.task import register_task
-from mmkit.vq.losses import VQLossConfig, VQTrainer
+from mmkit.vq.losses import VQLossConfig, VQTrainer, reconstruction_loss
 from mmkit.vq.model import PRESETS, VQConfig, VQModel
 
 
@@ -186,10 +186,12 @@ class VQTask:
         for i, x in enumerate(images):
             buckets.setdefault(tuple(x.shape), []).append(i)
         codes = [vq.encode(x[None].to(device)) for x in images]  # (1, h, w) each: fixed targets' codes
-        params = [p for n, p in vq.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
         frozen = {n: p.requires_grad for n, p in vq.named_parameters()}
+        params = []
         for n, p in vq.named_parameters():
             p.requires_grad_(n.startswith(("decoder.", "post_quant_conv.")))
+            if p.requires_grad:
+                params.append(p)
         opt = torch.optim.AdamW(params, lr=cfg.decoder_finetune_lr, betas=(0.9, 0.95), weight_decay=0.0)
         rng = random.Random(f"{self.seed}-decoder-finetune")
         sizes = sorted(buckets)
@@ -203,9 +205,8 @@ class VQTask:
             x = torch.stack([images[i] for i in idx]).to(device)  # (b, 3, H, W)
             c = torch.cat([codes[i] for i in idx])  # (b, h, w)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.decoder_finetune_bf16):
-                y = vq.decoder(vq.post_quant_conv(vq.quantize.embed(c)))
-            err = y.float() - x
-            loss = sum(err.abs().mean() if kind == "l1" else err.square().mean() for kind in cfg.recon.split("+"))
+                y = vq.decode_latents(vq.quantize.embed(c))
+            loss = reconstruction_loss(y.float() - x, cfg.recon)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -228,7 +229,7 @@ class VQTask:
         latents = []
         stream = iter(self.batches(batch_size=batch_size))
         for _ in range(self.loss_cfg.codebook_refit_batches):
-            z = vq.quant_conv(vq.encoder(next(stream)["images"].to(device)))  # (B, D, h, w)
+            z = vq.latents(next(stream)["images"].to(device))  # (B, D, h, w)
             latents.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())
         stats = vq.quantize.refit_codebook(torch.cat(latents), iters=self.loss_cfg.codebook_refit_iters)
         vq.train(was_training)

@@ -87,7 +87,7 @@ class HeadwiseLayerNorm(nn.Module):
             # (half the bytes, no casts). fp32 runs take the other branch (exact parity).
             with torch.autocast(x.device.type, enabled=False):
                 x = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
-                return _HeadAffine.apply(x.contiguous(), self.weight.to(x.dtype), self.bias.to(x.dtype))
+                return _HeadAffine.apply(x, self.weight.to(x.dtype), self.bias.to(x.dtype))  # x contiguous
         x = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
         return torch.addcmul(self.bias, x, self.weight)  # x * w + b in one pass
 
@@ -459,21 +459,13 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         target = torch.full_like(labels, IGNORE_INDEX)
         target[:, :-1] = labels[:, 1:]
         target = target.flatten()  # (N,)
-        valid = target != IGNORE_INDEX
-        n_valid = int(valid.sum())
-        n = max(n_valid, 1)
-        flat = logits.flatten(0, 1)  # (N, V)
+        n = max(int((target != IGNORE_INDEX).sum()), 1)
         w = None
         if loss_weights is not None:
             w = torch.zeros_like(loss_weights, dtype=torch.float32)
             w[:, :-1] = loss_weights[:, 1:]
             w = w.flatten()
-        if 2 * n_valid < flat.shape[0]:  # mostly unsupervised (prompts, padding): drop those rows
-            idx = valid.nonzero().squeeze(1)
-            flat, target = flat.index_select(0, idx), target.index_select(0, idx)
-            w = w.index_select(0, idx) if w is not None else None
-        # else: mostly supervised; ignored rows get weight 0 inside the fused loss (no row copy)
-        ce_sum, z_sum = fused_cross_entropy(flat, target, w)
+        ce_sum, z_sum = fused_cross_entropy(logits.flatten(0, 1), target, w)  # skips unsupervised rows
         ce, z = ce_sum / n, z_sum / n
         loss = ce + self.config.z_loss * z if self.config.z_loss else ce
         return loss, ce.detach(), z.detach()

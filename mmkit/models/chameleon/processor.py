@@ -90,8 +90,7 @@ class ChameleonProcessor:
 
     def vqa_prefix(self, question: str) -> list[int]:
         """bos [+ "Question: q" when question_first]: what precedes the image of a VQA prompt."""
-        return [self.bos] + (self.text_ids(templates.vqa_prompt(question).rsplit(" Answer:", 1)[0])
-                             if self.question_first else [])
+        return [self.bos] + (self.text_ids(templates.vqa_question(question)) if self.question_first else [])
 
     def vqa_prompt_ids(self, codes, question: str) -> list[int]:
         """The inference prompt of a VQA question (the training layout up to the answer)."""

@@ -25,12 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from mmkit.data import templates as T
-
 import numpy as np
 import torch
 from PIL import Image
 
+from mmkit.data import templates as T
 from mmkit.errors import UsageError
 
 PROCESSOR_FILE = "kimivl_processor.json"
@@ -142,10 +141,8 @@ class KimiVLProcessor:
 
     def vqa_segments(self, image, question: str) -> list:
         """The segments `encode` takes for one VQA prompt; the answer follows as " {answer}"."""
-        if self.prompt_order == "question_first":
-            prompt = T.vqa_prompt(question)
-            head, tail = prompt.rsplit(" Answer:", 1)  # "Question: q" [image] "Answer:"
-            return [head, image, "Answer:" + tail]
+        if self.prompt_order == "question_first":  # "Question: q" [image] "Answer:"
+            return [T.vqa_question(question), image, T.VQA_ANSWER_CUE]
         return [image, T.vqa_prompt(question)]
 
     def caption_segments(self, image) -> list:
