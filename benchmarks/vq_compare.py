@@ -2,13 +2,17 @@
 
 1. Quality: trains `tokenizers/vq-shapes.yaml` through the engine three times, changing only
    the quantizer (vq / fsq levels 8,8,8,4 / lfq 2^11: all 2048 codes), then evaluates each on
-   held-out shapes images (PSNR, SSIM, codebook usage, perplexity) and reports train time.
+   held-out shapes images (PSNR, SSIM, codebook usage, perplexity) and reports train time
+   (wall and process CPU seconds of the whole `train` call: main loop, codebook refit, decoder
+   fine-tune). Every row keeps the recipe's steps, crops, bf16 and decoder fine-tune; only vq
+   has a codebook to refit, so fsq and lfq run without the refit.
 2. Throughput: encode and decode images/s for `shapes-f8` (64 px) and `f16-8192` (512 px;
    256 px with --quick), random weights, eval mode, batched. Reference in the same run:
    transformers' `ChameleonVQVAE.encode` at Chameleon's own config against mmkit's encoder
    loaded from those very weights (codes checked equal).
 
     python benchmarks/vq_compare.py [--quick] [--data DIR] [--threads 2]
+    OMP_NUM_THREADS=1 python benchmarks/vq_compare.py --threads 1 --data /tmp/qs_final2/data   # docs/tokenizers.md
 
 Without --data it synthesises shapes shards into a temp dir (`mmkit data synth`).
 """
@@ -135,7 +139,7 @@ def main() -> None:
     speed = throughput_rows(args.quick)
     ref = chameleon_reference(args.quick)
 
-    cmd = "python benchmarks/vq_compare.py" + (" --quick" if args.quick else "")
+    cmd = " ".join(["python benchmarks/vq_compare.py", *sys.argv[1:]])
     print(f"### VQ quantizers on shapes-f8 ({torch.get_num_threads()} CPU threads)\n")
     if quality:
         print("| quantizer | steps | train s | train CPU s | PSNR dB | SSIM | usage % | perplexity |")

@@ -39,6 +39,32 @@ def shapes_data(tmp_path_factory):
     return out
 
 
+# a VQ small enough for shard-tool tests (16 codes, f8)
+TINY_VQ = dict(base_channels=8, channel_multiplier=[1, 2, 2, 2], latent_channels=8, embed_dim=4, codebook_size=16,
+               norm_groups=4, mid_attn=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_vq_dir(tmp_path_factory):
+    """A randomly initialised TINY_VQ saved with save_pretrained (seed 0)."""
+    from mmkit.vq.model import VQModel, preset_config
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("vq") / "vq"
+    VQModel(preset_config(**TINY_VQ)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """6 train / 4 eval documents per kind (interleaved, caption, VQA), 1000 per shard, seed 0."""
+    from mmkit.data.synth import synth
+
+    out = tmp_path_factory.mktemp("shapes")
+    synth(str(out), 6, 0, 4, ["interleaved", "caption", "vqa"], 1000, 1, progress=False)
+    return out
+
+
 class _Biased(torch.nn.Module):
     """Wraps a generation-contract model and adds a fixed bias to its logits (to make boi /
     eos likely or impossible in sampler tests)."""

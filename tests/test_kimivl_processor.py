@@ -96,3 +96,18 @@ def test_square_mode_and_prompt_order(tokenizer, tmp_path):
     assert first.vqa_segments(img, "q?") == [img, "Question: q? Answer:"]
     with pytest.raises(Exception, match="prompt_order"):
         KimiVLProcessor(tokenizer, prompt_order="sideways")
+
+
+def test_square_side_resizes_every_image(tokenizer, tmp_path):
+    """`square_side`: every image (smaller ones too: upscaled) becomes that square, so a coarser
+    patch keeps the token grid while each token sees more pixels; saved with the processor."""
+    proc = KimiVLProcessor(tokenizer, KimiVLImageProcessor(ImageProcessorConfig(
+        patch_size=16, max_patches_per_side=6, pad_mode="square", square_side=96)))
+    for h, w in ((48, 96), (48, 48), (80, 64)):
+        enc = proc.encode([_img(h, w)])
+        assert enc["image_grid_thw"].tolist() == [[1, 6, 6]] and enc["pixel_values"].shape == (36, 3, 16, 16)
+    proc.save_pretrained(tmp_path)
+    assert KimiVLProcessor.from_pretrained(tmp_path).image_processor.config.square_side == 96
+    for bad in (dict(pad_mode="pad", square_side=96), dict(pad_mode="square", square_side=80)):
+        with pytest.raises(Exception, match="square_side"):
+            ImageProcessorConfig(patch_size=16, **bad)

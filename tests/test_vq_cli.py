@@ -5,30 +5,9 @@ import json
 import tarfile
 
 import pytest
-import torch
 
 from mmkit.cli import main
-from mmkit.vq.model import VQModel, preset_config
-
-TINY = dict(base_channels=8, channel_multiplier=[1, 2, 2, 2], latent_channels=8, embed_dim=4, codebook_size=16,
-            norm_groups=4, mid_attn=False)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from mmkit.data.synth import synth
-
-    out = tmp_path_factory.mktemp("shapes")
-    synth(str(out), 6, 0, 4, ["interleaved", "caption", "vqa"], 1000, 1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def vq_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("vq") / "vq"
-    VQModel(preset_config(**TINY)).save_pretrained(d)
-    return d
+from mmkit.vq.model import VQModel
 
 
 def _members(path):
@@ -36,25 +15,25 @@ def _members(path):
         return {m.name: t.extractfile(m).read() for m in t if m.isfile()}
 
 
-def test_tokenize_images_adds_codes_and_is_reproducible(shards, vq_dir, tmp_path, capsys):
+def test_tokenize_images_adds_codes_and_is_reproducible(tiny_shards, tiny_vq_dir, tmp_path, capsys):
     from PIL import Image
 
     from mmkit.vq.task import image_to_tensor
 
-    assert main(["data", "tokenize-images", "--model", str(vq_dir), str(shards / "train"), "--out",
+    assert main(["data", "tokenize-images", "--model", str(tiny_vq_dir), str(tiny_shards / "train"), "--out",
                  str(tmp_path / "a"), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["shards"] == 3 and stats["samples"] == 18 and stats["images"] > 18
-    assert main(["data", "tokenize-images", "--model", str(vq_dir), str(shards / "train"), "--out",
+    assert main(["data", "tokenize-images", "--model", str(tiny_vq_dir), str(tiny_shards / "train"), "--out",
                  str(tmp_path / "b"), "--json"]) == 0
-    model = VQModel.from_pretrained(vq_dir)
-    src_sizes = json.loads((shards / "train" / "sizes.json").read_text())
+    model = VQModel.from_pretrained(tiny_vq_dir)
+    src_sizes = json.loads((tiny_shards / "train" / "sizes.json").read_text())
     assert json.loads((tmp_path / "a" / "sizes.json").read_text()) == src_sizes
     n_images = 0
     for name in src_sizes:
         a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
         assert a == b  # byte-reproducible
-        src, out = _members(shards / "train" / name), _members(tmp_path / "a" / name)
+        src, out = _members(tiny_shards / "train" / name), _members(tmp_path / "a" / name)
         assert src.keys() == out.keys()
         for member, data in out.items():
             if not member.endswith(".json"):
@@ -75,31 +54,31 @@ def test_tokenize_images_adds_codes_and_is_reproducible(shards, vq_dir, tmp_path
     assert n_images == stats["images"]
 
 
-def test_eval_vq_json(shards, vq_dir, capsys):
-    assert main(["tokenizer", "eval-vq", "--model", str(vq_dir), "--data", str(shards / "eval"), "--json"]) == 0
+def test_eval_vq_json(tiny_shards, tiny_vq_dir, capsys):
+    assert main(["tokenizer", "eval-vq", "--model", str(tiny_vq_dir), "--data", str(tiny_shards / "eval"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert {"psnr", "ssim", "codebook_usage", "perplexity"} <= res.keys()
     from mmkit.vq.evaluate import evaluate_images, iter_shard_images
 
-    images = list(iter_shard_images(str(shards / "eval")))
+    images = list(iter_shard_images(str(tiny_shards / "eval")))
     assert res["images"] == len(images)
-    ref = evaluate_images(VQModel.from_pretrained(vq_dir), images, batch_size=1)  # batching must not matter
+    ref = evaluate_images(VQModel.from_pretrained(tiny_vq_dir), images, batch_size=1)  # batching must not matter
     assert res["psnr"] == pytest.approx(ref["psnr"], abs=1e-3) and res["codebook_usage"] == ref["codebook_usage"]
     assert 0 < res["codebook_usage"] <= 100 and 1 <= res["perplexity"] <= 16
 
 
-def test_cli_bad_input_is_one_line(vq_dir, tmp_path, capsys):
+def test_cli_bad_input_is_one_line(tiny_vq_dir, tmp_path, capsys):
     assert main(["tokenizer", "eval-vq", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)]) == 2
     assert main(["tokenizer", "eval-vq", "--model", str(tmp_path), "--data", str(tmp_path)]) == 2  # no config.json
-    assert main(["data", "tokenize-images", "--model", str(vq_dir), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert main(["data", "tokenize-images", "--model", str(tiny_vq_dir), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("mmkit: error:") for line in err)
 
 
-def test_train_text_cli(shards, tmp_path, capsys):
+def test_train_text_cli(tiny_shards, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    assert main(["tokenizer", "train-text", "--data", str(shards / "train"), "--out", str(tmp_path / "tok"),
+    assert main(["tokenizer", "train-text", "--data", str(tiny_shards / "train"), "--out", str(tmp_path / "tok"),
                  "--vocab-size", "400", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))

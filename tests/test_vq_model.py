@@ -94,6 +94,20 @@ def test_presets_have_the_documented_geometry():
     assert c.downsample == 8
 
 
+def test_decoder_res_blocks_sets_decoder_depth_only(tmp_path):
+    default, light = tiny(), tiny(decoder_res_blocks=1)
+    assert [len(level.block) for level in default.decoder.up] == [2, 2, 2]  # taming: num_res_blocks + 1
+    assert [len(level.block) for level in light.decoder.up] == [1, 1, 1]
+    assert [len(level.block) for level in light.encoder.down] == [1, 1, 1]  # encoder untouched
+    assert light.num_parameters() < default.num_parameters()
+    x = _images()
+    assert light.eval().decode(light.encode(x)).shape == x.shape
+    light.save_pretrained(tmp_path)
+    assert VQModel.from_pretrained(tmp_path).config.decoder_res_blocks == 1
+    with pytest.raises(UsageError, match="decoder_res_blocks"):  # ConfigError: a one-line user error
+        preset_config("shapes-f8", decoder_res_blocks=0)
+
+
 def test_usage_and_perplexity_on_constructed_case():
     # 8 codes of a 16-entry codebook used; 4 used uniformly 3x, 4 used 1x
     codes = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 5, 6, 7]).view(1, 4, 4)

@@ -54,6 +54,8 @@ def register(subparsers) -> None:
     ti.add_argument("shards", nargs="+", help="tar files or directories of tars")
     ti.add_argument("--out", required=True, help="output directory (same shard names + sizes.json)")
     ti.add_argument("--batch-size", type=int, default=64)
+    ti.add_argument("--square", type=int, default=None, metavar="S",
+                    help="resize every image to S x S px first (a multiple of the VQ factor): one code grid for all")
     ti.add_argument("--json", action="store_true", help="print the stats as one JSON object")
     ti.set_defaults(func=_tokenize_images)
 
@@ -134,7 +136,8 @@ def _tokenize_images(args) -> int:
         raise UsageError(f"--model: no such directory: {args.model}")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
-    stats = run(args.model, args.shards, args.out, batch_size=args.batch_size, progress=not args.json)
+    stats = run(args.model, args.shards, args.out, batch_size=args.batch_size, progress=not args.json,
+                square=args.square)
     if args.json:
         print_json(stats)
     else:

@@ -114,16 +114,25 @@ class ChameleonPipeline(_TextMixin):
     def _pixels(self, images) -> torch.Tensor:
         """PIL images -> (B, 3, R, R) in [-1, 1]: short side resized, centre crop (Chameleon).
 
+        Square models (`config.image_size` S): every image resized to S x S (no crop).
+
         Multi-resolution models (size tokens in the layout): (B, 3, H, W) at the images'
         own size (as `mmkit data tokenize-images` stored the training codes), no crop.
         """
         import numpy as np
         from PIL import Image
 
+        from mmkit.vq.task import image_to_tensor
+        from mmkit.vq.tokenize_shards import square_image
+
         res = int(getattr(self.vq.config, "resolution", 64))
+        square = getattr(self.model.config, "image_size", None)
         out = []
         for img in images:
             img = _open_image(img)
+            if square:  # square models: resized exactly as `mmkit data tokenize-images --square` did
+                out.append(image_to_tensor(square_image(img, square)))
+                continue
             w, h = img.size
             if self.layout.size_offset is not None:
                 size = self._native_size(w, h)
@@ -150,7 +159,7 @@ class ChameleonPipeline(_TextMixin):
 
     def encode_images(self, images) -> torch.Tensor | list[torch.Tensor]:
         """PIL images -> VQ codes (B, h, w); multi-resolution models: a list of (h_i, w_i)."""
-        if self.layout.size_offset is not None:
+        if self.layout.size_offset is not None and not getattr(self.model.config, "image_size", None):
             return [self.vq.encode(self._pixels([im]))[0] for im in images]
         return self.vq.encode(self._pixels(images))
 

@@ -2,7 +2,9 @@
 
 Each output shard has the same name, samples, member names and image bytes as its input;
 only `<key>.json` gains `"image_codes": [{"h", "w", "codes"} | null, ...]` aligned with
-`"images"`. Shards are read member by member with `tarfile` (not through the decoding
+`"images"`. With `square=S` every image is first resized to S x S (LANCZOS; `square_image`):
+the code grid is then the same S/f x S/f for all images, and a fixed grid of the picture
+(the shapes world's 3x3 cells) always maps to the same code block. Shards are read member by member with `tarfile` (not through the decoding
 reader) so that image bytes and member names pass through untouched, and are written with
 the data layer's byte-reproducible writer: the same model and inputs give identical tars.
 """
@@ -57,18 +59,33 @@ def read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
     return samples
 
 
-def _decode(data: bytes) -> torch.Tensor:
+def square_image(img, side: int):
+    """PIL image -> RGB `side` x `side` (LANCZOS; unchanged if already that size). Used by
+    tokenize-images and by the Chameleon pipeline, so inference reads images as training did."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    return img if img.size == (side, side) else img.resize((side, side), Image.LANCZOS)
+
+
+def check_square(square: int | None, factor: int) -> None:
+    if square is not None and (square < factor or square % factor):
+        raise UsageError(f"--square {square}: must be a positive multiple of the VQ downsampling factor {factor}")
+
+
+def _decode(data: bytes, square: int | None = None) -> torch.Tensor:
     from PIL import Image
 
     from mmkit.vq.task import image_to_tensor
 
     with Image.open(io.BytesIO(data)) as img:
-        return image_to_tensor(img)
+        return image_to_tensor(square_image(img, square) if square else img)
 
 
 @torch.no_grad()
-def run(model_dir, shards, out_dir, batch_size: int = 64, progress: bool = True) -> dict:
-    """Tokenize all images of `shards` (files or directories) into `out_dir`; returns stats."""
+def run(model_dir, shards, out_dir, batch_size: int = 64, progress: bool = True, square: int | None = None) -> dict:
+    """Tokenize all images of `shards` (files or directories) into `out_dir`; returns stats.
+    `square`: resize every image to square x square first (None: each image at its own size)."""
     from tqdm import tqdm
 
     from mmkit.data.writer import update_sizes, write_shard
@@ -77,6 +94,7 @@ def run(model_dir, shards, out_dir, batch_size: int = 64, progress: bool = True)
 
     model = VQModel.from_pretrained(model_dir).eval()
     f = model.downsample
+    check_square(square, f)
     paths = expand_shards(shards)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +122,7 @@ def run(model_dir, shards, out_dir, batch_size: int = 64, progress: bool = True)
                 if name not in members:
                     raise UsageError(f"{path}: sample {key} names a missing image member {name}")
                 try:
-                    x = fit_to_factor(_decode(members[name]), f)
+                    x = fit_to_factor(_decode(members[name], square), f)
                 except (OSError, UsageError):  # undecodable or too small: leave codes null
                     stats["skipped_images"] += 1
                     continue

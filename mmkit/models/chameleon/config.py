@@ -55,6 +55,9 @@ class MmkitChameleonConfig(PretrainedConfig):
     # row + column embeddings added to image-code tokens (needs the multires layout: the
     # row/column of a code is counted from boi / eor in the token stream)
     image_pos_embed: bool = False
+    # input images are resized to image_size x image_size px before VQ encoding (training codes from
+    # `mmkit data tokenize-images --square`, the pipeline likewise); None = each image at its own size
+    image_size: int | None = None
     # mmkit-only layout (processor + pipeline): a VQA prompt names the question before the
     # image too, so the image tokens are read with the question in view
     vqa_question_first: bool = False
@@ -75,6 +78,8 @@ class MmkitChameleonConfig(PretrainedConfig):
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.image_pos_embed and (self.eor_token_id is None or self.max_grid_size <= 0):
             raise ValueError("image_pos_embed needs the multires layout (eor_token_id, max_grid_size > 0)")
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(f"image_size must be a positive pixel side or None (got {self.image_size})")
         if self.image_token_offset + self.num_image_tokens > self.vocab_size:
             raise ValueError("image codes [image_token_offset, +num_image_tokens) exceed vocab_size")
 

@@ -51,8 +51,10 @@ class ChameleonProcessor:
     def __init__(self, tokenizer, *, bos_token_id: int, eos_token_id: int, boi_token_id: int, eoi_token_id: int,
                  image_token_offset: int, num_image_tokens: int, eor_token_id: int | None = None,
                  size_token_offset: int | None = None, max_grid_size: int = 0, vq=None,
-                 question_first: bool = False):
+                 question_first: bool = False, image_size: int | None = None, image_grid: int | None = None):
         self.tokenizer, self.vq, self.question_first = tokenizer, vq, question_first
+        # square models: images resized to image_size px, codes must be image_grid x image_grid
+        self.image_size, self.image_grid = image_size, image_grid
         self.bos, self.eos, self.boi, self.eoi = bos_token_id, eos_token_id, boi_token_id, eoi_token_id
         self.offset, self.n_codes = image_token_offset, num_image_tokens
         self.eor, self.size_offset, self.max_grid = eor_token_id, size_token_offset, max_grid_size
@@ -66,7 +68,9 @@ class ChameleonProcessor:
                    image_token_offset=config.image_token_offset, num_image_tokens=config.num_image_tokens,
                    eor_token_id=config.eor_token_id, size_token_offset=config.size_token_offset,
                    max_grid_size=config.max_grid_size, vq=vq,
-                   question_first=bool(getattr(config, "vqa_question_first", False)))
+                   question_first=bool(getattr(config, "vqa_question_first", False)),
+                   image_size=getattr(config, "image_size", None),
+                   image_grid=config.image_grid_h if getattr(config, "image_size", None) else None)
 
     # -- pieces -------------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
@@ -101,6 +105,10 @@ class ChameleonProcessor:
         stored = (doc.get("meta") or {}).get("image_codes") or doc.get("image_codes")
         if stored and i < len(stored) and stored[i] is not None:
             c = stored[i]
+            if self.image_grid and (c["h"], c["w"]) != (self.image_grid, self.image_grid):
+                raise UsageError(f"{doc.get('__key__', 'doc')}: stored codes are {c['h']}x{c['w']} but the model "
+                                 f"reads {self.image_size} px squares ({self.image_grid}x{self.image_grid} codes): "
+                                 f"tokenize the shards with `mmkit data tokenize-images --square {self.image_size}`")
             return torch.tensor(c["codes"], dtype=torch.long).view(c["h"], c["w"])
         img = (doc.get("images") or [None] * (i + 1))[i]
         if self.vq is None or img is None or isinstance(img, (bytes, bytearray)):
@@ -108,6 +116,10 @@ class ChameleonProcessor:
                              "(run `mmkit data tokenize-images` or give model.vq)")
         from mmkit.vq.task import image_to_tensor
 
+        if self.image_size:
+            from mmkit.vq.tokenize_shards import square_image
+
+            img = square_image(img, self.image_size)
         with torch.no_grad():
             x = image_to_tensor(img)[None].to(next(self.vq.parameters()).device)
             return self.vq.encode(x)[0].cpu()

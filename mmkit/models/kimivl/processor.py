@@ -45,6 +45,14 @@ class ImageProcessorConfig:
     pad_mode: Literal["pad", "resize", "square"] = "pad"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # pad_mode "square" only: side in pixels every image is resized to (up or down; a multiple of
+    # patch x merge). 0: the padded long side of navit_resize (never scales up)
+    square_side: int = 0
+
+    def __post_init__(self):
+        if self.square_side and (self.pad_mode != "square" or self.square_side % (self.patch_size * self.merge_size)):
+            raise UsageError(f"square_side={self.square_side} needs pad_mode 'square' and a multiple of "
+                             f"patch x merge = {self.patch_size * self.merge_size}")
 
 
 def navit_resize(height: int, width: int, patch: int, merge: int, max_patches: int, max_side: int):
@@ -66,7 +74,7 @@ class KimiVLImageProcessor:
         c = self.config
         _, (ph, pw) = navit_resize(height, width, c.patch_size, c.merge_size, c.max_patches, c.max_patches_per_side)
         if c.pad_mode == "square":
-            ph = pw = max(ph, pw)
+            ph = pw = c.square_side or max(ph, pw)
         return ph, pw
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:

@@ -42,6 +42,7 @@ class KimiVLModelSection:
     max_patches: int = 16384  # processor: cap on patches per image (downscale above)
     max_patches_per_side: int = 512
     pad_mode: Literal["pad", "resize", "square"] = "pad"
+    square_side: int = 0  # pad_mode square: every image resized to this side in pixels (0: padded long side)
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_token: str = "<image>"  # media token names in the text tokenizer (Kimi: <|media_pad|> ...)
@@ -254,6 +255,7 @@ class KimiVLTask:
         merge = list(self.cfg.vision.get("merge_kernel_size", [2, 2]))[0]
         self.proc_cfg = dict(patch_size=patch, merge_size=merge, max_patches=self.cfg.max_patches,
                              max_patches_per_side=self.cfg.max_patches_per_side, pad_mode=self.cfg.pad_mode,
+                             square_side=self.cfg.square_side,
                              image_mean=list(self.cfg.image_mean), image_std=list(self.cfg.image_std))
         self.tokens = dict(image_token=self.cfg.image_token, boi_token=self.cfg.boi_token, eoi_token=self.cfg.eoi_token,
                            prompt_order=self.cfg.prompt_order)
