@@ -14,7 +14,7 @@ from mmkit.vq.model import VQModel
 
 
 def _docs_and_images(shard_dir):
-    """[(doc, {member: PIL image})] of every sample in a directory of tiny_shards."""
+    """[(doc, {member: PIL image})] of every sample in a directory of shards."""
     out = []
     for path in sorted(shard_dir.glob("*.tar")):
         with tarfile.open(path) as t:

@@ -4,7 +4,8 @@ Each output shard has the same name, samples, member names and image bytes as it
 only `<key>.json` gains `"image_codes": [{"h", "w", "codes"} | null, ...]` aligned with
 `"images"`. With `square=S` every image is first resized to S x S (LANCZOS; `square_image`):
 the code grid is then the same S/f x S/f for all images, and a fixed grid of the picture
-(the shapes world's 3x3 cells) always maps to the same code block. Shards are read member by member with `tarfile` (not through the decoding
+(the shapes world's 3x3 cells) always maps to the same code block. Shards are read member by
+member with `tarfile` (not through the decoding
 reader) so that image bytes and member names pass through untouched, and are written with
 the data layer's byte-reproducible writer: the same model and inputs give identical tars.
 """
@@ -68,9 +69,10 @@ def square_image(img, side: int):
     return img if img.size == (side, side) else img.resize((side, side), Image.LANCZOS)
 
 
-def check_square(square: int | None, factor: int) -> None:
+def check_square(square: int | None, factor: int, name: str = "--square") -> None:
+    """A square side must be a positive multiple of the VQ factor (whole codes, no crop)."""
     if square is not None and (square < factor or square % factor):
-        raise UsageError(f"--square {square}: must be a positive multiple of the VQ downsampling factor {factor}")
+        raise UsageError(f"{name} {square}: must be a positive multiple of the VQ downsampling factor {factor}")
 
 
 def _decode(data: bytes, square: int | None = None) -> torch.Tensor:

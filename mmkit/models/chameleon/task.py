@@ -150,10 +150,10 @@ def build_config(section: ChameleonModelSection, tokenizer, vq_config):
     n_codes = vq_config.codebook_size
     grid = section.image_grid or [vq_config.resolution // vq_config.downsample] * 2
     if section.image_size is not None:
+        from mmkit.vq.tokenize_shards import check_square
+
         f = vq_config.downsample
-        if section.image_size < f or section.image_size % f:
-            raise UsageError(f"model.image_size {section.image_size}: must be a positive multiple of the VQ "
-                             f"downsampling factor {f}")
+        check_square(section.image_size, f, "model.image_size")
         square = [section.image_size // f] * 2
         if section.image_grid and list(section.image_grid) != square:
             raise UsageError(f"model.image_grid {section.image_grid} disagrees with model.image_size "
