@@ -129,15 +129,21 @@ def test_extra_questions_are_answer_only_turns(shards, tmp_path, one_thread):
     assert {a.strip() for a in answers} <= possible
 
 
-def test_attention_init_std(shards, tmp_path):
-    """`model.attention_init_std` re-draws only the decoder's q / kv projections."""
+def _base_and_variant(shards, tmp_path, **model_kw):
+    """The TINY model and the same with `model_kw`, each built from seed 0."""
     from mmkit.models.kimivl.task import KimiVLTask
 
-    torch.manual_seed(0)
-    base = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok")), {}, out_dir=str(tmp_path)).build_model()
-    torch.manual_seed(0)
-    wide = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok"), attention_init_std=0.2), {},
-                      out_dir=str(tmp_path)).build_model()
+    models = []
+    for kw in ({}, model_kw):
+        torch.manual_seed(0)
+        models.append(KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok"), **kw), {},
+                                 out_dir=str(tmp_path)).build_model())
+    return models
+
+
+def test_attention_init_std(shards, tmp_path):
+    """`model.attention_init_std` re-draws only the decoder's q / kv projections."""
+    base, wide = _base_and_variant(shards, tmp_path, attention_init_std=0.2)
     for a, b in zip(base.language_model.layers, wide.language_model.layers):
         for name in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj"):
             wa, wb = getattr(a.self_attn, name).weight, getattr(b.self_attn, name).weight
@@ -219,13 +225,7 @@ def test_question_first_repeat_image_turns(shards, tmp_path, one_thread):
 
 def test_pos_emb_init_std(shards, tmp_path):
     """`model.pos_emb_init_std` re-draws only MoonViT's position table."""
-    from mmkit.models.kimivl.task import KimiVLTask
-
-    torch.manual_seed(0)
-    base = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok")), {}, out_dir=str(tmp_path)).build_model()
-    torch.manual_seed(0)
-    big = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok"), pos_emb_init_std=0.5), {},
-                     out_dir=str(tmp_path)).build_model()
+    base, big = _base_and_variant(shards, tmp_path, pos_emb_init_std=0.5)
     assert base.vision_tower.patch_embed.pos_emb.weight.std() < 0.05
     assert 0.3 < big.vision_tower.patch_embed.pos_emb.weight.std() < 0.7
     assert torch.equal(base.vision_tower.patch_embed.proj.weight, big.vision_tower.patch_embed.proj.weight)

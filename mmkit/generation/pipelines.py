@@ -119,37 +119,30 @@ class ChameleonPipeline(_TextMixin):
         Multi-resolution models (size tokens in the layout): (B, 3, H, W) at the images'
         own size (as `mmkit data tokenize-images` stored the training codes), no crop.
         """
-        import numpy as np
         from PIL import Image
 
-        from mmkit.vq.task import image_to_tensor
-        from mmkit.vq.tokenize_shards import square_image
+        from mmkit.vq.tokenize_shards import vq_pixels
 
         res = int(getattr(self.vq.config, "resolution", 64))
         square = getattr(self.model.config, "image_size", None)
         out = []
         for img in images:
             img = _open_image(img)
-            if square:  # square models: resized exactly as `mmkit data tokenize-images --square` did
-                out.append(image_to_tensor(square_image(img, square)))
-                continue
             w, h = img.size
+            if square:  # square models: resized exactly as `mmkit data tokenize-images --square` did
+                out.append(vq_pixels(img, square))
+                continue
             if self.layout.size_offset is not None:
                 size = self._native_size(w, h)
                 if size != (w, h):
                     img = img.resize(size, Image.LANCZOS)
-                out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-                continue
-            if (w, h) == (res, res):  # training resolution: pixels exactly as in training
-                out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-                continue
-            s = res / min(w, h)
-            img = img.resize((max(res, round(w * s)), max(res, round(h * s))), Image.LANCZOS)
-            w, h = img.size
-            left, top = (w - res) // 2, (h - res) // 2
-            img = img.crop((left, top, left + res, top + res))
-            arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-            out.append(arr)
+            elif (w, h) != (res, res):  # not the training resolution: short side to res, centre crop
+                s = res / min(w, h)
+                img = img.resize((max(res, round(w * s)), max(res, round(h * s))), Image.LANCZOS)
+                w, h = img.size
+                left, top = (w - res) // 2, (h - res) // 2
+                img = img.crop((left, top, left + res, top + res))
+            out.append(vq_pixels(img))
         vq_p = next(self.vq.parameters())
         return torch.stack(out).to(device=vq_p.device, dtype=vq_p.dtype)
 

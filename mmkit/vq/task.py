@@ -185,7 +185,12 @@ class VQTask:
         buckets: dict[tuple, list[int]] = {}
         for i, x in enumerate(images):
             buckets.setdefault(tuple(x.shape), []).append(i)
-        codes = [vq.encode(x[None].to(device)) for x in images]  # (1, h, w) each: fixed targets' codes
+        codes: list[torch.Tensor] = [None] * len(images)  # (1, h, w) each: the fixed codes of the targets
+        for idx in buckets.values():  # one encode per size, in chunks (not one call per image)
+            for s in range(0, len(idx), 64):
+                chunk = idx[s:s + 64]
+                for i, c in zip(chunk, vq.encode(torch.stack([images[i] for i in chunk]).to(device))):
+                    codes[i] = c[None]
         frozen = {n: p.requires_grad for n, p in vq.named_parameters()}
         params = []
         for n, p in vq.named_parameters():

@@ -75,13 +75,19 @@ def check_square(square: int | None, factor: int, name: str = "--square") -> Non
         raise UsageError(f"{name} {square}: must be a positive multiple of the VQ downsampling factor {factor}")
 
 
+def vq_pixels(img, square: int | None = None) -> torch.Tensor:
+    """PIL image -> (3, H, W) in [-1, 1] as tokenize-images encodes it (resized to a `square`
+    side first when given); the Chameleon processor and pipeline use it too."""
+    from mmkit.vq.task import image_to_tensor
+
+    return image_to_tensor(square_image(img, square) if square else img)
+
+
 def _decode(data: bytes, square: int | None = None) -> torch.Tensor:
     from PIL import Image
 
-    from mmkit.vq.task import image_to_tensor
-
     with Image.open(io.BytesIO(data)) as img:
-        return image_to_tensor(square_image(img, square) if square else img)
+        return vq_pixels(img, square)
 
 
 @torch.no_grad()

@@ -114,14 +114,10 @@ class ChameleonProcessor:
         if self.vq is None or img is None or isinstance(img, (bytes, bytearray)):
             raise UsageError(f"{doc.get('__key__', 'doc')}: image {i} has no image_codes and no VQ model to encode it "
                              "(run `mmkit data tokenize-images` or give model.vq)")
-        from mmkit.vq.task import image_to_tensor
+        from mmkit.vq.tokenize_shards import vq_pixels
 
-        if self.image_size:
-            from mmkit.vq.tokenize_shards import square_image
-
-            img = square_image(img, self.image_size)
         with torch.no_grad():
-            x = image_to_tensor(img)[None].to(next(self.vq.parameters()).device)
+            x = vq_pixels(img, self.image_size)[None].to(next(self.vq.parameters()).device)
             return self.vq.encode(x)[0].cpu()
 
     # -- documents ----------------------------------------------------------------------
