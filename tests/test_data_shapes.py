@@ -6,6 +6,7 @@ import re
 from collections import Counter
 
 import numpy as np
+import pytest
 from PIL import Image, ImageFilter
 
 from mmkit.data import shapes as S
@@ -118,3 +119,20 @@ def test_vqa_answer_is_what_the_image_shows():
             assert q["answer"] == ("yes" if present else "no")
             checked += 1
     assert checked > 60
+
+
+def test_more_vqa_question_weights():
+    """Training-time re-weighting of question types: zero weights are never asked, the
+    default mix is unchanged, unknown types are refused."""
+    rng = random.Random(0)
+    scene = S.random_scene(rng, n_objects=3)
+    meta = {"scenes": [scene.to_dict()], "question": None}
+    only = {t: 0.0 for t in S.QTYPES} | {"relation": 1.0, "exist": 1.0}
+    qs = [q for i in range(20) for q in S.more_vqa(meta, 4, random.Random(i), weights=only)]
+    assert qs and {q["question_type"] for q in qs} == {"is the", "is there a"}
+    default = [S.more_vqa(meta, 4, random.Random(i)) for i in range(5)]
+    assert default == [S.more_vqa(meta, 4, random.Random(i), weights={}) for i in range(5)]
+    with pytest.raises(ValueError, match="unknown question type"):
+        S.question_weights({"colour": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        S.question_weights({"color": -1.0})

@@ -247,10 +247,27 @@ QTYPES = ("color", "shape", "count", "exist", "relation", "where", "size")
 QWEIGHTS = (0.18, 0.16, 0.15, 0.15, 0.12, 0.12, 0.12)
 
 
-def make_vqa(scene: Scene, rng: random.Random, qtype: str | None = None) -> dict:
-    """One question about the scene: {question, answer, answers (10), question_type, answer_type}."""
+def question_weights(weights: dict[str, float] | None) -> tuple[float, ...]:
+    """QWEIGHTS with some types re-weighted ({"relation": 0.3}); unknown types are an error."""
+    if not weights:
+        return QWEIGHTS
+    bad = sorted(set(weights) - set(QTYPES))
+    if bad:
+        raise ValueError(f"unknown question type(s) {bad}; choose from {list(QTYPES)}")
+    if any(w < 0 for w in weights.values()):
+        raise ValueError(f"question weights must be >= 0, got {weights}")
+    out = tuple(float(weights.get(t, w)) for t, w in zip(QTYPES, QWEIGHTS))
+    if sum(out) <= 0:
+        raise ValueError(f"question weights sum to 0: {weights}")
+    return out
+
+
+def make_vqa(scene: Scene, rng: random.Random, qtype: str | None = None,
+             weights: tuple[float, ...] = QWEIGHTS) -> dict:
+    """One question about the scene: {question, answer, answers (10), question_type, answer_type};
+    its type drawn with `weights` (per QTYPES) unless `qtype` is given."""
     for _ in range(50):
-        t = qtype or rng.choices(QTYPES, QWEIGHTS)[0]
+        t = qtype or rng.choices(QTYPES, weights)[0]
         q = _question(scene, rng, t)
         if q is not None:
             question, answer, qt, at = q
@@ -259,21 +276,25 @@ def make_vqa(scene: Scene, rng: random.Random, qtype: str | None = None) -> dict
     raise RuntimeError("no question could be asked about this scene")  # unreachable in practice
 
 
-def more_vqa(meta: dict, n: int, rng: random.Random, image_index: int = 0) -> list[dict]:
+def more_vqa(meta: dict, n: int, rng: random.Random, image_index: int = 0,
+             weights: dict[str, float] | None = None) -> list[dict]:
     """Up to `n` more questions (make_vqa dicts) about the scene of image `image_index` of a
     document (`meta["scenes"]`), distinct from each other and from the doc's own question.
 
     Training-time augmentation shared by both model families: a VQA shard holds one question
     per image; asking more about the stored scene graph makes the answer loss dense while the
-    image is encoded once. Docs without a scene graph give [].
+    image is encoded once. `weights` re-weights question types ({"exist": 0.3}; the others keep
+    QWEIGHTS): a training curriculum, the shards' own questions are unchanged. Docs without a
+    scene graph give [].
     """
+    qweights = question_weights(weights)
     scenes = meta.get("scenes") or []
     if n <= 0 or image_index >= len(scenes) or not scenes[image_index]:
         return []
     scene = Scene.from_dict(scenes[image_index])
     asked, out = {meta.get("question")}, []
     for _ in range(3 * n):
-        qa = make_vqa(scene, rng)
+        qa = make_vqa(scene, rng, weights=qweights)
         if qa["question"] not in asked:
             asked.add(qa["question"])
             out.append(qa)
