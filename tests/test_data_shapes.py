@@ -136,3 +136,12 @@ def test_more_vqa_question_weights():
         S.question_weights({"colour": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         S.question_weights({"color": -1.0})
+
+
+def test_more_vqa_weights_fall_back_on_scenes_they_cannot_ask():
+    """Only "relation" weighted, one-object scene: other types are asked, no error."""
+    scene = S.random_scene(random.Random(3), n_objects=1)
+    meta = {"scenes": [scene.to_dict()], "question": None}
+    only_rel = {t: 0.0 for t in S.QTYPES} | {"relation": 1.0}
+    qs = S.more_vqa(meta, 3, random.Random(0), weights=only_rel)
+    assert len(qs) == 3 and all(q["question_type"] != "is the" for q in qs)

@@ -229,3 +229,41 @@ def test_pos_emb_init_std(shards, tmp_path):
     assert base.vision_tower.patch_embed.pos_emb.weight.std() < 0.05
     assert 0.3 < big.vision_tower.patch_embed.pos_emb.weight.std() < 0.7
     assert torch.equal(base.vision_tower.patch_embed.proj.weight, big.vision_tower.patch_embed.proj.weight)
+
+
+def test_pos_emb_init_sincos(shards, tmp_path):
+    """`model.pos_emb_init: sincos`: a smooth grid of the asked std in which every cell has its own
+    code, nearer cells more alike (row and column alike); the rest of the model as with noise."""
+    from mmkit.models.kimivl.task import sincos_grid
+
+    base, sc = _base_and_variant(shards, tmp_path, pos_emb_init="sincos", pos_emb_init_std=0.3)
+    table = sc.vision_tower.patch_embed.pos_emb.weight.detach()  # (H0, W0, D)
+    assert abs(float(table.std()) - 0.3) < 1e-4
+    codes = table.flatten(0, 1)
+    dist = torch.cdist(codes, codes)  # (H0*W0, H0*W0)
+    assert dist[~torch.eye(len(codes), dtype=torch.bool)].min() > 0.1  # every cell distinct
+    assert dist[0, 1] < dist[0, 2] and torch.allclose(table[0, 1] - table[0, 0], (table[1, 0] - table[0, 0]).roll(table.shape[-1] // 2))
+    assert torch.equal(base.vision_tower.patch_embed.proj.weight, sc.vision_tower.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match="% 4"):
+        sincos_grid(4, 4, 30, std=0.1)
+
+
+def test_question_weights_reach_more_vqa(shards, tmp_path, one_thread):
+    """`data.question_weights` is validated with the data set's question types and re-weights the
+    extra questions: with only "exist" left, every extra answer is yes/no."""
+    from mmkit.models.kimivl.task import KimiVLDataSection, KimiVLTask
+
+    with pytest.raises(ValueError, match="data.question_weights"):
+        KimiVLDataSection(question_weights={"colour": 0.3})
+    with pytest.raises(ValueError, match="data.question_weights"):
+        KimiVLDataSection(question_weights={"exist": -1.0})
+    only_exist = {t: 0.0 for t in ("color", "shape", "count", "relation", "where", "size")} | {"exist": 1.0}
+    task = KimiVLTask(dict(TINY, text_tokenizer=str(shards / "tok"), max_len=512),
+                      {"sources": str(shards / "data" / "train"), "kinds": ["vqa"], "extra_questions": 3,
+                       "question_weights": only_exist}, seed=0, out_dir=str(tmp_path))
+    tok = task.processor.tokenizer
+    batch = next(iter(task.batches(batch_size=4)))
+    for labels in batch["labels"]:
+        answers = [a.strip() for a in tok.decode(labels[labels != -100]).split(tok.eos_token)[:-1]]
+        assert len(answers) == 4  # the doc's own question (any type) + 3 extra exist questions
+        assert all(a in ("yes", "no") for a in answers[1:]), answers

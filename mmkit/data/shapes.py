@@ -265,9 +265,10 @@ def question_weights(weights: dict[str, float] | None) -> tuple[float, ...]:
 def make_vqa(scene: Scene, rng: random.Random, qtype: str | None = None,
              weights: tuple[float, ...] = QWEIGHTS) -> dict:
     """One question about the scene: {question, answer, answers (10), question_type, answer_type};
-    its type drawn with `weights` (per QTYPES) unless `qtype` is given."""
-    for _ in range(50):
-        t = qtype or rng.choices(QTYPES, weights)[0]
+    its type drawn with `weights` (per QTYPES) unless `qtype` is given. A weighting whose types
+    cannot be asked about this scene (only "relation" on one object) falls back to QWEIGHTS."""
+    for i in range(100):
+        t = qtype or rng.choices(QTYPES, weights if i < 50 else QWEIGHTS)[0]
         q = _question(scene, rng, t)
         if q is not None:
             question, answer, qt, at = q

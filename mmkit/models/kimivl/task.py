@@ -61,6 +61,10 @@ class KimiVLModelSection:
     # scale of the patch features makes an object's token say where it is from the first step
     # ("where is the X?"); ignored with init_from.
     pos_emb_init_std: float | None = None
+    # "sincos": the position table starts as a smooth 2-D sin-cos grid (std pos_emb_init_std,
+    # else 0.02) instead of noise, as a pretrained SigLIP table is smooth: neighbouring cells get
+    # similar, linearly decodable codes. Ignored with init_from.
+    pos_emb_init: Literal["normal", "sincos"] = "normal"
 
 
 @dataclass
@@ -81,6 +85,9 @@ class KimiVLDataSection:
     # question_first: each question gets its own question-conditioned image positions; the ViT
     # runs once per turn)
     repeat_image: bool = False
+    # re-weighting of the extra questions' types ({"relation": 0.3, "exist": 0.25}; the other
+    # types keep mmkit.data.shapes.QWEIGHTS): a curriculum for the types the model learns last
+    question_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         bad = [k for k in list(self.kinds) + list(self.weights) if k not in ("vqa", "caption", "interleaved")]
@@ -88,16 +95,25 @@ class KimiVLDataSection:
             raise ValueError(f"data.kinds: unknown kind {bad[0]!r} (vqa, caption, interleaved)")
         if self.extra_questions < 0:
             raise ValueError(f"data.extra_questions must be >= 0, got {self.extra_questions}")
+        if self.question_weights:
+            from mmkit.data.shapes import question_weights
+
+            try:
+                question_weights(self.question_weights)
+            except ValueError as e:
+                raise ValueError(f"data.question_weights: {e}") from None
 
 
 class ExampleBuilder:
     """map_fn (runs in DataLoader workers; picklable): reader doc -> token ids, labels, pixels."""
 
     def __init__(self, tokenizer_dir: str, proc_cfg: dict, max_len: int, kinds: list[str], tokens: dict | None = None,
-                 extra_questions: int = 0, seed: int = 0, repeat_image: bool = False):
+                 extra_questions: int = 0, seed: int = 0, repeat_image: bool = False,
+                 question_weights: dict[str, float] | None = None):
         self.tokenizer_dir, self.proc_cfg, self.max_len, self.kinds = tokenizer_dir, proc_cfg, max_len, kinds
         self.tokens = tokens or {}
         self.extra_questions, self.seed, self.repeat_image = extra_questions, seed, repeat_image
+        self.question_weights = dict(question_weights or {})
         self._proc = None
 
     def __getstate__(self):
@@ -174,7 +190,8 @@ class ExampleBuilder:
         proc = self.processor
         ids, labels = list(ids), list(labels)
         pixels, grids = [enc["pixel_values"]], [enc["image_grid_thw"]]
-        for q in more_vqa(doc.get("meta", {}), self.extra_questions, rng, image_index=index):
+        for q in more_vqa(doc.get("meta", {}), self.extra_questions, rng, image_index=index,
+                          weights=self.question_weights or None):
             if self.repeat_image:
                 turn = proc.encode(proc.vqa_segments(image, q["question"]), add_bos=False)
                 prompt = turn["input_ids"]
@@ -237,6 +254,22 @@ def _init_attention(model: nn.Module, std: float) -> None:
                 lin.weight.normal_(0.0, std)
 
 
+def sincos_grid(h: int, w: int, dim: int, std: float, temperature: float = 100.0) -> torch.Tensor:
+    """(h, w, dim) 2-D sin-cos position codes (first half of the channels encode the row, second
+    half the column; dim % 4 == 0), scaled to per-element std `std`."""
+    if dim % 4:
+        raise ValueError(f"sincos position table needs hidden_size % 4 == 0, got {dim}")
+    omega = temperature ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+
+    def codes(n: int) -> torch.Tensor:  # (n, dim/2)
+        angle = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    rows, cols = codes(h), codes(w)
+    grid = torch.cat([rows[:, None].expand(h, w, dim // 2), cols[None].expand(h, w, dim // 2)], dim=2)
+    return (grid / grid.std() * std).float()
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module"):
         model = model.module
@@ -297,9 +330,12 @@ class KimiVLTask:
             model = MmkitKimiVLForConditionalGeneration(self.model_config())
             if self.cfg.attention_init_std is not None:
                 _init_attention(model, self.cfg.attention_init_std)
-            if self.cfg.pos_emb_init_std is not None:
-                with torch.no_grad():
-                    model.vision_tower.patch_embed.pos_emb.weight.normal_(0.0, self.cfg.pos_emb_init_std)
+            pos = model.vision_tower.patch_embed.pos_emb.weight  # (H0, W0, D)
+            with torch.no_grad():
+                if self.cfg.pos_emb_init == "sincos":
+                    pos.copy_(sincos_grid(*pos.shape, std=self.cfg.pos_emb_init_std or 0.02))
+                elif self.cfg.pos_emb_init_std is not None:
+                    pos.normal_(0.0, self.cfg.pos_emb_init_std)
         if self.cfg.open_clip:
             import open_clip
 
@@ -317,7 +353,7 @@ class KimiVLTask:
 
         builder = ExampleBuilder(self.cfg.text_tokenizer, self.proc_cfg, self.cfg.max_len, list(self.data.kinds),
                                  self.tokens, extra_questions=self.data.extra_questions, seed=self.seed + rank,
-                                 repeat_image=self.data.repeat_image)
+                                 repeat_image=self.data.repeat_image, question_weights=self.data.question_weights)
         return build_stream(self._sources(), batch_size=batch_size, collate_fn=Collate(self.processor.tokenizer.pad_token_id),
                             map_fn=builder, seed=self.seed, rank=rank, world_size=world_size, num_workers=num_workers,
                             decode_images=True, shuffle_buffer=self.data.shuffle_buffer, infinite=True)
