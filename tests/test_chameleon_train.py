@@ -359,3 +359,29 @@ def test_vary_per_epoch_draws_new_questions_and_captions(tokenizer):
         assert sorted(map(str, parse_caption(target))) == want  # the same scene, maybe other words
         texts.add(target)
     assert len(texts) > 1
+
+
+def test_vqa_question_weights_steer_the_extra_questions(tokenizer):
+    """data.vqa_question_weights: the extra turns follow the re-weighted question types (only
+    relation questions here; the doc's own question is unchanged); bad types are a config error."""
+    from mmkit.config import ConfigError
+
+    proc = ChameleonProcessor.from_config(tokenizer, make_config(tokenizer))
+    only_rel = {t: 0.0 for t in ("color", "shape", "count", "exist", "where", "size")} | {"relation": 1.0}
+    data = ChameleonDataConfig(vqa_extra_questions=3, vqa_question_weights=only_rel, cond_dropout=0.0)
+    enc, plain = EncodeDoc(proc, data, seed=0), EncodeDoc(proc, ChameleonDataConfig(vqa_extra_questions=3), seed=0)
+    n_rel = n_rel_plain = 0
+    for i in range(8):
+        doc = reader_doc("vqa", i)
+        own = len(proc.encode_vqa(doc).input_ids)
+        if len(doc["meta"]["scenes"][0]["objects"]) < 2:
+            continue  # a relation needs two objects: no extra turns
+        ids = enc(doc)[0][0]
+        text, text_plain = tokenizer.decode(ids[own:]), tokenizer.decode(plain(doc)[0][0][own:])
+        assert ids[:own] == proc.encode_vqa(doc).input_ids  # the doc's own question comes first, unchanged
+        n_rel += text.count("Question: Is the ")
+        n_rel_plain += text_plain.count("Question: Is the ")
+        assert text.count("Question:") == 3 and text.count("Question: Is the ") == 3
+    assert n_rel > n_rel_plain
+    with pytest.raises(ConfigError, match="vqa_question_weights"):
+        ChameleonTask({}, {"vqa_question_weights": {"relations": 1.0}}, seed=0)

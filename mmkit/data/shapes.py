@@ -247,18 +247,19 @@ QTYPES = ("color", "shape", "count", "exist", "relation", "where", "size")
 QWEIGHTS = (0.18, 0.16, 0.15, 0.15, 0.12, 0.12, 0.12)
 
 
-def question_weights(weights: dict[str, float] | None) -> tuple[float, ...]:
-    """QWEIGHTS with some types re-weighted ({"relation": 0.3}); unknown types are an error."""
+def question_weights(weights: dict[str, float] | None, key: str = "question weights") -> tuple[float, ...]:
+    """QWEIGHTS with some types re-weighted ({"relation": 0.3}); bad entries are a ValueError
+    that names `key` (the config key they came from)."""
     if not weights:
         return QWEIGHTS
     bad = sorted(set(weights) - set(QTYPES))
     if bad:
-        raise ValueError(f"unknown question type(s) {bad}; choose from {list(QTYPES)}")
+        raise ValueError(f"{key}: unknown question type(s) {bad}; choose from {list(QTYPES)}")
     if any(w < 0 for w in weights.values()):
-        raise ValueError(f"question weights must be >= 0, got {weights}")
+        raise ValueError(f"{key}: weights must be >= 0, got {weights}")
     out = tuple(float(weights.get(t, w)) for t, w in zip(QTYPES, QWEIGHTS))
     if sum(out) <= 0:
-        raise ValueError(f"question weights sum to 0: {weights}")
+        raise ValueError(f"{key}: weights sum to 0: {weights}")
     return out
 
 

@@ -146,14 +146,16 @@ class ChameleonProcessor:
         raise UsageError(f"{doc.get('__key__', 'doc')}: {doc.get('kind')} sample without an image")
 
     def encode_vqa(self, doc: dict, supervise_prompt: bool = False, extra_questions: int = 0,
-                   rng: random.Random | None = None) -> Encoded:
+                   rng: random.Random | None = None, question_weights: dict[str, float] | None = None) -> Encoded:
         """The doc's question first (the inference layout); `extra_questions` more turns
-        asked about the stored scene graph (shapes world) reuse the same image tokens."""
+        asked about the stored scene graph (shapes world) reuse the same image tokens;
+        `question_weights` re-weights their question types (mmkit.data.shapes.more_vqa)."""
         meta = doc.get("meta") or {}
         i = self._image_index(doc)
         img = self.image_ids(self.codes_of(doc, i))
         parts = [(self.vqa_prefix(meta["question"]), False, TEXT), (img, supervise_prompt, IMAGE)]
-        for qa in [meta] + more_vqa(meta, extra_questions, rng or random.Random(0), image_index=i):
+        extra = more_vqa(meta, extra_questions, rng or random.Random(0), image_index=i, weights=question_weights)
+        for qa in [meta] + extra:
             parts.append((self.text_ids(templates.vqa_prompt(qa["question"])), supervise_prompt, TEXT))
             parts.append((self.text_ids(templates.vqa_target(qa["answer"])) + [self.eos], True, TEXT))
         return self._seq(parts, "vqa")
@@ -184,7 +186,8 @@ class ChameleonProcessor:
 
     def encode(self, doc: dict, *, caption_tasks=("caption", "t2i"), cond_dropout: float = 0.0,
                supervise_prompts: bool = False, vqa_extra_questions: int = 0,
-               rng: random.Random | None = None, caption_texts: tuple[str, str] | None = None) -> list[Encoded]:
+               rng: random.Random | None = None, caption_texts: tuple[str, str] | None = None,
+               vqa_question_weights: dict[str, float] | None = None) -> list[Encoded]:
         """A reader doc -> its training sequences (a caption doc gives one per caption task);
         `caption_texts` = (caption target, t2i prompt) replaces the doc's caption."""
         cap_text, t2i_text = caption_texts or (None, None)
@@ -192,7 +195,7 @@ class ChameleonProcessor:
         if kind == "interleaved":
             return [self.encode_interleaved(doc)]
         if kind == "vqa":
-            return [self.encode_vqa(doc, supervise_prompts, vqa_extra_questions, rng)]
+            return [self.encode_vqa(doc, supervise_prompts, vqa_extra_questions, rng, vqa_question_weights)]
         if kind == "caption":
             out = []
             if "caption" in caption_tasks:

@@ -103,6 +103,9 @@ class ChameleonDataConfig:
     image_weight: float = 1.0
     supervise_prompts: bool = False  # also train on the image/prompt part of caption and VQA samples
     vqa_extra_questions: int = 0  # shapes world: more QA turns per VQA image, asked about its stored scene graph
+    # question-type weights of those extra turns ({"relation": 0.3}; missing types keep
+    # mmkit.data.shapes.QWEIGHTS): a curriculum for the types the model gets wrong
+    vqa_question_weights: dict[str, float] | None = None
     # new random draws each epoch (reader's __epoch__): extra questions, condition dropout, and for
     # caption docs with a scene graph a random caption phrasing (t2i: objects in random order too)
     vary_per_epoch: bool = False
@@ -126,6 +129,10 @@ class ChameleonDataConfig:
         if bad:
             raise ValueError(f"data.task_weights: bad entry {bad[0]!r} (tasks vqa, caption, t2i, interleaved; "
                              "weights >= 0)")
+        if self.vqa_question_weights:
+            from mmkit.data.shapes import question_weights
+
+            question_weights(self.vqa_question_weights, "data.vqa_question_weights")
 
 
 def special_ids(tokenizer) -> dict[str, int | None]:
@@ -206,7 +213,8 @@ class EncodeDoc:
         texts = caption_variants(doc, rng) if epoch and doc.get("kind") == "caption" else None
         seqs = self.processor.encode(doc, caption_tasks=d.caption_tasks, cond_dropout=d.cond_dropout,
                                      supervise_prompts=d.supervise_prompts,
-                                     vqa_extra_questions=d.vqa_extra_questions, rng=rng, caption_texts=texts)
+                                     vqa_extra_questions=d.vqa_extra_questions, rng=rng, caption_texts=texts,
+                                     vqa_question_weights=d.vqa_question_weights)
         weights = token_weights(seqs, d.loss_on, d.text_weight, d.image_weight, d.task_weights)
         out = [(s.input_ids, w) for s, w in zip(seqs, weights) if any(w)]
         return out or None  # None: nothing to learn from this doc (counted as skipped)

@@ -98,10 +98,7 @@ class KimiVLDataSection:
         if self.question_weights:
             from mmkit.data.shapes import question_weights
 
-            try:
-                question_weights(self.question_weights)
-            except ValueError as e:
-                raise ValueError(f"data.question_weights: {e}") from None
+            question_weights(self.question_weights, "data.question_weights")
 
 
 class ExampleBuilder:
