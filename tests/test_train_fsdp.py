@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,20 +74,12 @@ def _worker(out: str) -> None:
     dist.destroy_process_group()
 
 
-def _launch(out: Path) -> subprocess.CompletedProcess:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           __file__, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_fsdp2_sharded_optimizer_state_round_trips(tmp_path):
-    proc = _launch(tmp_path)
-    if proc.returncode != 0 and "address already in use" in proc.stderr.lower():
-        proc = _launch(tmp_path)  # the free port was taken between our probe and the launch: try another
+    # --standalone: torchrun picks a free rendezvous port itself (no probe-then-bind race)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-1500:], proc.stderr[-3000:])
     meta = json.loads((tmp_path / "optimizer.json").read_text())
     from safetensors.torch import load_file

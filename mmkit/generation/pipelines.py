@@ -119,8 +119,6 @@ class ChameleonPipeline(_TextMixin):
         Multi-resolution models (size tokens in the layout): (B, 3, H, W) at the images'
         own size (as `mmkit data tokenize-images` stored the training codes), no crop.
         """
-        from PIL import Image
-
         from mmkit.vq.tokenize_shards import vq_pixels
 
         res = int(getattr(self.vq.config, "resolution", 64))
@@ -128,23 +126,27 @@ class ChameleonPipeline(_TextMixin):
         out = []
         for img in images:
             img = _open_image(img)
-            w, h = img.size
-            if square:  # square models: resized exactly as `mmkit data tokenize-images --square` did
-                out.append(vq_pixels(img, square))
-                continue
-            if self.layout.size_offset is not None:
-                size = self._native_size(w, h)
-                if size != (w, h):
-                    img = img.resize(size, Image.LANCZOS)
-            elif (w, h) != (res, res):  # not the training resolution: short side to res, centre crop
-                s = res / min(w, h)
-                img = img.resize((max(res, round(w * s)), max(res, round(h * s))), Image.LANCZOS)
-                w, h = img.size
-                left, top = (w - res) // 2, (h - res) // 2
-                img = img.crop((left, top, left + res, top + res))
-            out.append(vq_pixels(img))
+            if not square:  # (square models: vq_pixels resizes as `mmkit data tokenize-images --square` did)
+                img = self._fit_resolution(img, res)
+            out.append(vq_pixels(img, square))
         vq_p = next(self.vq.parameters())
         return torch.stack(out).to(device=vq_p.device, dtype=vq_p.dtype)
+
+    def _fit_resolution(self, img, res: int):
+        """Multi-resolution models: the nearest native size; others: short side to `res`, centre crop."""
+        from PIL import Image
+
+        w, h = img.size
+        if self.layout.size_offset is not None:
+            size = self._native_size(w, h)
+            return img if size == (w, h) else img.resize(size, Image.LANCZOS)
+        if (w, h) == (res, res):  # the training resolution: pixels exactly as in training
+            return img
+        s = res / min(w, h)
+        img = img.resize((max(res, round(w * s)), max(res, round(h * s))), Image.LANCZOS)
+        w, h = img.size
+        left, top = (w - res) // 2, (h - res) // 2
+        return img.crop((left, top, left + res, top + res))
 
     def image_tokens(self, codes: torch.Tensor) -> list[int]:
         """codes (h, w) -> boi [size tokens] rows of code ids [eor] eoi: the training processor's layout."""

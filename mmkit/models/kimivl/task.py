@@ -188,7 +188,7 @@ class ExampleBuilder:
         ids, labels = list(ids), list(labels)
         pixels, grids = [enc["pixel_values"]], [enc["image_grid_thw"]]
         for q in more_vqa(doc.get("meta", {}), self.extra_questions, rng, image_index=index,
-                          weights=self.question_weights or None):
+                          weights=self.question_weights):
             if self.repeat_image:
                 turn = proc.encode(proc.vqa_segments(image, q["question"]), add_bos=False)
                 prompt = turn["input_ids"]
