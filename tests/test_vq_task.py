@@ -162,7 +162,7 @@ def test_decoder_finetune_trains_only_the_decoder(tmp_path, monkeypatch):
     from mmkit.vq.task import image_to_tensor
 
     images = [image_to_tensor(d["images"][1]) for d in _docs(8)]  # (3, H, W) full images, two sizes
-    monkeypatch.setattr(vq_eval, "iter_shard_images", lambda sources, limit=None: iter(images[:limit]))
+    monkeypatch.setattr(vq_eval, "iter_shard_images", lambda sources, limit=None, square=None: iter(images[:limit]))
     task = get_task("vq")({**TINY_MODEL, "loss": {"decoder_finetune_steps": 30, "decoder_finetune_lr": 3e-3,
                                                   "decoder_finetune_bf16": False}},
                           {"crop": 16, "sources": "unused"}, seed=0, out_dir=str(tmp_path))

@@ -140,3 +140,102 @@ def test_quickstart_codes_follow_the_recipe_image_size(tmp_path):
 
     real = recipes_root() / "training/chameleon-shapes.yaml"
     assert _chameleon_image_size(real, []) == read_yaml(real)["model"].get("image_size")
+
+
+def test_source_size_tokens_name_the_source_aspect(tiny_shards, tiny_vq_dir, square_codes, tmp_path):
+    """model.source_size_tokens: the size tokens of a square model say the source image's size
+    (VQ-factor units), in training (stored src_w/src_h, or the image header) and in the
+    pipeline's prompts; generated images ask for a square source unless a size is given, and
+    are then resized to that aspect."""
+    from mmkit.errors import UsageError
+    from mmkit.generation.pipelines import ChameleonPipeline
+    from mmkit.generation.sampler import generate, image_layout_from_config
+    from mmkit.models.chameleon.processor import ChameleonProcessor
+
+    task = _square_task(tmp_path, tiny_vq_dir, square_codes, image_size=48, multires=True, max_grid_size=16,
+                        source_size_tokens=True)
+    model = task.build_model()
+    cfg = model.config
+    proc = ChameleonProcessor.from_config(task.tokenizer, cfg)
+    off, f = cfg.size_token_offset, 48 // cfg.image_grid_h
+    docs = _docs_and_images(square_codes)
+    seen_aspects = set()
+    for doc, imgs in docs:
+        for i, (name, c) in enumerate(zip(doc["images"], doc["image_codes"])):
+            if name is None:
+                continue
+            w, h = imgs[name].size
+            assert (c["src_w"], c["src_h"]) == (w, h)  # tokenize-images records the source size
+            want = [cfg.boi_token_id, off + round(h / f), off + round(w / f)]
+            reader_doc = {"meta": {"image_codes": doc["image_codes"]}, "images": [None] * len(doc["images"])}
+            assert proc.doc_image_ids(reader_doc, i)[:3] == want
+            # shards tokenized before src_w/src_h existed: the size comes from the image bytes
+            old = [{k: v for k, v in (e or {}).items() if not k.startswith("src_")} or None for e in doc["image_codes"]]
+            data = io.BytesIO()
+            imgs[name].save(data, format="PNG")
+            legacy = {"meta": {"image_codes": old}, "images": [data.getvalue() if j == i else None
+                                                               for j in range(len(doc["images"]))]}
+            assert proc.doc_image_ids(legacy, i)[:3] == want
+            seen_aspects.add(w == h)
+    assert seen_aspects == {True, False}
+    loss, _ = task.loss(model, next(iter(task.batches(batch_size=4))))
+    assert torch.isfinite(loss)
+
+    pipe = ChameleonPipeline(model, task.tokenizer, task.vq)
+    seen = []
+    pipe._run_text = lambda prompts, max_new_tokens=None: seen.extend(prompts) or ["yes"] * len(prompts)
+    im = Image.new("RGB", (96, 48), (200, 30, 30))
+    pipe.answer([im], ["what color is the circle?"])
+    codes = pipe.encode_images([im])[0]
+    assert seen == [proc.vqa_prompt_ids(codes, "what color is the circle?", (96, 48))]
+    assert seen[0][seen[0].index(cfg.boi_token_id) + 1:][:2] == [off + 6, off + 12]
+
+    # generation: a square source by default, or the asked one (the code grid stays 6x6)
+    assert image_layout_from_config(cfg).template()[:2] == [off + 6, off + 6]
+    ids = torch.tensor([pipe.t2i_ids("a red circle")])
+    new = generate(model, ids, image_layout_from_config(cfg).span_len, mode="image", image_size_tokens=(6, 12),
+                   image_sampling={"do_sample": False}, seed=0)
+    assert new[0, :2].tolist() == [off + 6, off + 12] and new[0, -1].item() == cfg.eoi_token_id
+    assert pipe.generate_images(["a red circle"], cfg_scale=1.0)[0].size == (48, 48)
+    wide = pipe.generate_images(["a red circle"], cfg_scale=1.0, size=(6, 12))[0]
+    assert wide.size == (96, 48)
+    with pytest.raises(UsageError, match="source size"):
+        pipe.generate_images(["a red circle"], size=(6, 17))
+    plain = _square_task(tmp_path, tiny_vq_dir, square_codes, image_size=48, multires=True, max_grid_size=16)
+    with pytest.raises(UsageError, match="size_tokens"):
+        image_layout_from_config(plain.build_model().config, size_tokens=(6, 12))
+    with pytest.raises(UsageError, match="source_size_tokens needs"):
+        _square_task(tmp_path, tiny_vq_dir, square_codes, image_size=48, source_size_tokens=True).config
+
+
+def test_vq_square_data_and_eval_see_the_square_model_view(tiny_shards, tiny_vq_dir, tmp_path, capsys):
+    """data.square / eval-vq --square: the tokenizer trains and is measured on the S x S
+    images a square Chameleon model reads (tokenize-images --square), not on native sizes."""
+    from mmkit.errors import UsageError
+    from mmkit.vq.evaluate import evaluate, evaluate_images
+    from mmkit.vq.task import CropImages, VQTask
+    from mmkit.vq.tokenize_shards import vq_pixels
+
+    docs = _docs_and_images(tiny_shards / "train")
+    doc = {"__key__": "k", "images": list(docs[0][1].values())}
+    whole = CropImages(48, False, 0, 4, 1, square=48)(doc)
+    assert torch.equal(whole, torch.stack([vq_pixels(im, 48) for im in doc["images"]]))
+    assert CropImages(32, False, 0, 4, 1, square=48)(doc).shape[-2:] == (32, 32)
+    model_cfg = json.loads((tiny_vq_dir / "config.json").read_text())
+    model_cfg = {k: model_cfg[k] for k in ("base_channels", "channel_multiplier", "latent_channels", "embed_dim",
+                                           "codebook_size", "norm_groups", "mid_attn")}
+    with pytest.raises(UsageError, match="data.square 50"):
+        VQTask(model_cfg, {"sources": str(tiny_shards / "train"), "crop": 48, "square": 50})
+    with pytest.raises(UsageError, match="exceeds data.square"):
+        VQTask(model_cfg, {"sources": str(tiny_shards / "train"), "crop": 64, "square": 48})
+
+    model = VQModel.from_pretrained(tiny_vq_dir)
+    imgs = [vq_pixels(im, 48) for _, ims in _docs_and_images(tiny_shards / "eval") for im in ims.values()]
+    ref = evaluate_images(model, imgs)
+    res = evaluate(tiny_vq_dir, [str(tiny_shards / "eval")], square=48)
+    assert res["images"] == len(imgs) and res["psnr"] == pytest.approx(ref["psnr"], abs=1e-6)
+    assert res["psnr"] != pytest.approx(evaluate(tiny_vq_dir, [str(tiny_shards / "eval")])["psnr"], abs=1e-3)
+    capsys.readouterr()
+    assert main(["tokenizer", "eval-vq", "--model", str(tiny_vq_dir), "--data", str(tiny_shards / "eval"),
+                 "--square", "48", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["psnr"] == pytest.approx(ref["psnr"], abs=1e-6)

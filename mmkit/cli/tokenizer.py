@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     e.add_argument("--data", type=existing_path, nargs="+", required=True, help="shard directory or .tar files")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    e.add_argument("--square", type=int, default=None,
+                   help="resize every image to SQUARE x SQUARE px first (a square model's view, as tokenize-images)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_eval_vq)
 
@@ -53,7 +55,7 @@ def _eval_vq(args) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UsageError("--batch-size and --limit must be positive")
     res = evaluate(args.model, _sources(args.data), batch_size=args.batch_size, limit=args.limit,
-                   progress=not args.json)
+                   progress=not args.json, square=args.square)
     if args.json:
         print_json(res)
     else:

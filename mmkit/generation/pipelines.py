@@ -148,9 +148,10 @@ class ChameleonPipeline(_TextMixin):
         left, top = (w - res) // 2, (h - res) // 2
         return img.crop((left, top, left + res, top + res))
 
-    def image_tokens(self, codes: torch.Tensor) -> list[int]:
-        """codes (h, w) -> boi [size tokens] rows of code ids [eor] eoi: the training processor's layout."""
-        return self.processor.image_ids(codes)
+    def image_tokens(self, codes: torch.Tensor, source_size: tuple[int, int] | None = None) -> list[int]:
+        """codes (h, w) -> boi [size tokens] rows of code ids [eor] eoi: the training processor's layout
+        (`source_size`: (w, h) px of the image the codes came from, for source_size_tokens models)."""
+        return self.processor.image_ids(codes, source_size)
 
     def encode_images(self, images) -> torch.Tensor | list[torch.Tensor]:
         """PIL images -> VQ codes (B, h, w); multi-resolution models: a list of (h_i, w_i)."""
@@ -180,22 +181,26 @@ class ChameleonPipeline(_TextMixin):
         return out
 
     def _image_prompt(self, image, text: str) -> list[int]:
+        image = _open_image(image)
         codes = self.encode_images([image])[0]
-        return [self.model.config.bos_token_id] + self.image_tokens(codes) + self._text_ids(text)
+        return [self.model.config.bos_token_id] + self.image_tokens(codes, image.size) + self._text_ids(text)
 
     def generate_text(self, prompt: str, images: Sequence = (), max_new_tokens: int | None = None) -> str:
         """Free text after [images...] + prompt."""
         ids = [self.model.config.bos_token_id]
         if images:
-            for c in self.encode_images(list(images)):
-                ids += self.image_tokens(c)
+            images = [_open_image(im) for im in images]
+            for c, im in zip(self.encode_images(images), images):
+                ids += self.image_tokens(c, im.size)
         return self._run_text([ids + self._text_ids(prompt)], max_new_tokens)[0]
 
     def answer(self, images, questions) -> list[str]:
         if len(images) != len(questions):
             raise UsageError(f"{len(images)} images but {len(questions)} questions")
-        codes = self.encode_images(list(images))
-        prompts = [self.processor.vqa_prompt_ids(c, q) for c, q in zip(codes, questions)]  # training's layout
+        images = [_open_image(im) for im in images]
+        codes = self.encode_images(images)
+        prompts = [self.processor.vqa_prompt_ids(c, q, im.size)  # training's layout
+                   for c, q, im in zip(codes, questions, images)]
         return [postprocess_answer(a) for a in self._run_text(prompts)]
 
     def caption(self, images) -> list[str]:
@@ -209,10 +214,12 @@ class ChameleonPipeline(_TextMixin):
 
     def generate_image_codes(self, prompts: Sequence[str], cfg_scale: float = 3.0, seed: int = 0, n: int = 1,
                              size: tuple[int, int] | None = None) -> torch.Tensor:
-        """-> codes (len(prompts) * n, h, w), prompt-major; image i uses seed + i."""
+        """-> codes (len(prompts) * n, h, w), prompt-major; image i uses seed + i.
+        `size` (h, w): the code grid; for source_size_tokens models the source size asked for
+        in VQ-factor units (the grid stays the model's square; default a square source)."""
         if n < 1:
             raise UsageError(f"n must be >= 1 (got {n})")
-        layout = image_layout_from_config(self.model.config, *(size or (None, None)))
+        layout = self._gen_layout(size)
         rows = [self.t2i_ids(p) for p in prompts for _ in range(n)]
         uncond = torch.tensor([self.t2i_ids(None)], device=self.device)
         out = []
@@ -226,18 +233,33 @@ class ChameleonPipeline(_TextMixin):
             kw = dict(cfg_scale=cfg_scale, uncond_input_ids=uncond) if cfg_scale != 1.0 else {}
             new = generate(self.model, ids, layout.span_len, attention_mask=mask, mode="image",
                            image_sampling=self.image_sampling, image_size=(layout.h, layout.w),
+                           image_size_tokens=layout.size_tokens,
                            seed=[seed + i for i in idx], progress=bar if bar is not None else False, **kw)
             out += [layout.codes_from_span(r) for r in new.cpu().tolist()]
         if bar is not None:
             bar.close()
         return torch.stack(out)
 
+    def _gen_layout(self, size: tuple[int, int] | None):
+        if getattr(self.model.config, "source_size_tokens", False):
+            return image_layout_from_config(self.model.config, size_tokens=size)
+        return image_layout_from_config(self.model.config, *(size or (None, None)))
+
     def generate_images(self, prompts: Sequence[str], cfg_scale: float = 3.0, seed: int = 0, n: int = 1,
                         size: tuple[int, int] | None = None) -> list:
-        """Text-to-image: `n` PIL images per prompt, prompt-major."""
+        """Text-to-image: `n` PIL images per prompt, prompt-major. Source_size_tokens models
+        draw a square image at the model's size and resize it to the asked source aspect."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return self.decode_codes(self.generate_image_codes(prompts, cfg_scale, seed, n, size))
+        images = self.decode_codes(self.generate_image_codes(prompts, cfg_scale, seed, n, size))
+        layout = self._gen_layout(size)
+        if layout.size_tokens is not None:
+            from PIL import Image
+
+            f = self.model.config.image_size // layout.h
+            wh = (layout.size_tokens[1] * f, layout.size_tokens[0] * f)
+            images = [im if im.size == wh else im.resize(wh, Image.LANCZOS) for im in images]
+        return images
 
     def interleaved(self, prompt: str, max_new_tokens: int | None = None, seed: int = 0,
                     text_sampling: SamplingParams | None = None):

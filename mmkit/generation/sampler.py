@@ -82,10 +82,13 @@ class ImageLayout:
     num_codes: int
     eor: int | None = None  # end-of-row token after each row (None = fixed-size model)
     size_offset: int | None = None  # size token of n = size_offset + n, right after boi
+    # what the size tokens say, when not the code grid (h, w): source_size_tokens models
+    size_tokens: tuple[int, int] | None = None
 
     def template(self) -> list[int]:
         """Tokens after boi, -1 standing for 'any image code'; the last one is eoi."""
-        t = [] if self.size_offset is None else [self.size_offset + self.h, self.size_offset + self.w]
+        sh, sw = self.size_tokens or (self.h, self.w)
+        t = [] if self.size_offset is None else [self.size_offset + sh, self.size_offset + sw]
         row = [-1] * self.w + ([] if self.eor is None else [self.eor])
         return t + row * self.h + [self.eoi]
 
@@ -107,8 +110,11 @@ class ImageLayout:
         return out.view(self.h, self.w)
 
 
-def image_layout_from_config(config, h: int | None = None, w: int | None = None) -> ImageLayout | None:
-    """The model config's image layout (Chameleon family), or None for text-only families."""
+def image_layout_from_config(config, h: int | None = None, w: int | None = None,
+                             size_tokens: tuple[int, int] | None = None) -> ImageLayout | None:
+    """The model config's image layout (Chameleon family), or None for text-only families.
+    `size_tokens` (source_size_tokens models): the source size the size tokens ask for, in
+    VQ-factor units (default: a square source of the code grid's size)."""
     boi, eoi = getattr(config, "boi_token_id", None), getattr(config, "eoi_token_id", None)
     offset, n = getattr(config, "image_token_offset", None), getattr(config, "num_image_tokens", None)
     if boi is None or eoi is None or offset is None or not n:
@@ -119,8 +125,15 @@ def image_layout_from_config(config, h: int | None = None, w: int | None = None)
     max_grid = getattr(config, "max_grid_size", 0) or 0
     if size_offset is not None and max_grid and max(h, w) > max_grid:
         raise UsageError(f"image grid {h}x{w} exceeds the model's max_grid_size {max_grid}")
+    if size_tokens is not None:
+        if not getattr(config, "source_size_tokens", False):
+            raise UsageError("size_tokens is for models with source_size_tokens (their size tokens name the source size)")
+        sh, sw = (int(v) for v in size_tokens)
+        if min(sh, sw) < 1 or (max_grid and max(sh, sw) > max_grid):
+            raise UsageError(f"source size {sh}x{sw} (VQ-factor units) outside 1..{max_grid}")
+        size_tokens = (sh, sw)
     return ImageLayout(h=h, w=w, boi=boi, eoi=eoi, code_offset=offset, num_codes=n,
-                       eor=getattr(config, "eor_token_id", None), size_offset=size_offset)
+                       eor=getattr(config, "eor_token_id", None), size_offset=size_offset, size_tokens=size_tokens)
 
 
 def image_code_mask(config, vocab_size: int, device=None) -> torch.Tensor | None:
@@ -269,6 +282,7 @@ def generate(
     mode: str = "text",
     image_sampling: SamplingParams | dict | None = None,
     image_size: tuple[int, int] | None = None,
+    image_size_tokens: tuple[int, int] | None = None,
     cfg_scale: float = 1.0,
     uncond_input_ids: torch.Tensor | None = None,
     uncond_attention_mask: torch.Tensor | None = None,
@@ -292,6 +306,8 @@ def generate(
                     greedy equals transformers' greedy on the same weights);
       "interleaved" text, and image spans under the span state machine (see module doc);
       "image"       the prompt ends with boi; one image span, then stop at eoi.
+    image_size / image_size_tokens: code grid (h, w) of generated images; what their size tokens
+      say, for models with source_size_tokens (default: a square source).
     image_sampling: SamplingParams for tokens inside image spans (default: IMAGE_SAMPLING
       for "image", the text settings for "interleaved" unless given).
     cfg_scale != 1 (mode "image"): classifier-free guidance against `uncond_input_ids`
@@ -319,7 +335,7 @@ def generate(
     text_params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
     layout = None
     if mode != "text":
-        layout = image_layout_from_config(cfg, *(image_size or (None, None)))
+        layout = image_layout_from_config(cfg, *(image_size or (None, None)), size_tokens=image_size_tokens)
         if layout is None:
             raise UsageError(f"mode {mode!r} needs a model with image tokens (boi/eoi/image codes in its config)")
     if image_sampling is None:

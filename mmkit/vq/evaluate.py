@@ -15,10 +15,11 @@ from mmkit.vq.metrics import code_histogram, psnr, ssim, to_unit, usage_and_perp
 from mmkit.vq.model import VQModel
 
 
-def iter_shard_images(sources, limit: int | None = None):
-    """(3, H, W) tensors in [-1, 1] of every image in the shards, in shard order."""
+def iter_shard_images(sources, limit: int | None = None, square: int | None = None):
+    """(3, H, W) tensors in [-1, 1] of every image in the shards, in shard order (each resized
+    to square x square px first when `square` is given, as tokenize-images --square)."""
     from mmkit.data import build_stream
-    from mmkit.vq.task import image_to_tensor
+    from mmkit.vq.tokenize_shards import vq_pixels
 
     n = 0
     stream = build_stream(sources, batch_size=16, collate_fn=list, decode_images=True, shuffle_buffer=0,
@@ -28,7 +29,7 @@ def iter_shard_images(sources, limit: int | None = None):
             for img in doc.get("images") or []:
                 if img is None:
                     continue
-                yield image_to_tensor(img)
+                yield vq_pixels(img, square)
                 n += 1
                 if limit is not None and n >= limit:
                     return
@@ -86,6 +87,13 @@ def evaluate_images(model: VQModel, images, batch_size: int = 32, progress: bool
     }
 
 
-def evaluate(model_dir, sources, batch_size: int = 32, limit: int | None = None, progress: bool = False) -> dict:
+def evaluate(model_dir, sources, batch_size: int = 32, limit: int | None = None, progress: bool = False,
+             square: int | None = None) -> dict:
+    """`square`: measure on images resized to square x square px (a square model's view)."""
     model = VQModel.from_pretrained(model_dir)
-    return evaluate_images(model, iter_shard_images(sources, limit), batch_size=batch_size, progress=progress)
+    if square is not None:
+        from mmkit.vq.tokenize_shards import check_square
+
+        check_square(square, model.downsample)
+    return evaluate_images(model, iter_shard_images(sources, limit, square), batch_size=batch_size,
+                           progress=progress)

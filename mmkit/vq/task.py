@@ -28,6 +28,7 @@ from mmkit.errors import UsageError
 from mmkit.train.task import register_task
 from mmkit.vq.losses import VQLossConfig, VQTrainer, reconstruction_loss
 from mmkit.vq.model import PRESETS, VQConfig, VQModel
+from mmkit.vq.tokenize_shards import check_square, vq_pixels
 
 
 @dataclass
@@ -38,6 +39,9 @@ class VQDataConfig:
     shuffle_buffer: int = 1000
     max_images_per_sample: int = 4  # interleaved docs hold several images; cap per doc
     crop_tries: int = 4  # keep the busiest of this many candidate crops (1 = uniform random crop)
+    # every image resized to square x square px first (as `tokenize-images --square`), for a
+    # tokenizer of square models; crop == square trains on whole images
+    square: int | None = None
 
 
 def parse_model_section(model_cfg: dict, where: str = "model") -> tuple[VQConfig, VQLossConfig]:
@@ -69,8 +73,9 @@ class CropImages:
     crops teach nothing after the first steps, edges are where reconstruction error lives.
     """
 
-    def __init__(self, crop: int, flip: bool, seed: int, max_images: int, tries: int = 1):
+    def __init__(self, crop: int, flip: bool, seed: int, max_images: int, tries: int = 1, square: int | None = None):
         self.crop, self.flip, self.seed, self.max_images, self.tries = crop, flip, seed, max_images, max(1, tries)
+        self.square = square
 
     def __call__(self, doc):
         out = []
@@ -79,7 +84,7 @@ class CropImages:
         for i, img in enumerate(x for x in doc.get("images", []) if x is not None):
             if i >= self.max_images:
                 break
-            x = image_to_tensor(img)  # (3, H, W)
+            x = vq_pixels(img, self.square)  # (3, H, W)
             c = self.crop
             _, H, W = x.shape
             if H < c or W < c:
@@ -112,6 +117,10 @@ class VQTask:
         if self.data_cfg.crop % self.vq_cfg.downsample or self.data_cfg.crop < self.vq_cfg.downsample:
             raise UsageError(f"data.crop {self.data_cfg.crop} must be a positive multiple of the "
                              f"downsampling factor {self.vq_cfg.downsample}")
+        if self.data_cfg.square is not None:
+            check_square(self.data_cfg.square, self.vq_cfg.downsample, "data.square")
+            if self.data_cfg.crop > self.data_cfg.square:
+                raise UsageError(f"data.crop {self.data_cfg.crop} exceeds data.square {self.data_cfg.square}")
         if self.loss_cfg.codebook_refit_batches and self.vq_cfg.quantizer != "vq":
             raise UsageError(f"model.loss.codebook_refit_batches: the codebook refit needs quantizer 'vq', not "
                              f"'{self.vq_cfg.quantizer}' (set it to 0)")
@@ -128,7 +137,8 @@ class VQTask:
             raise UsageError("vq task: no training data (set data.sources or pass --data DIR)")
         return build_stream(
             d.sources, batch_size=batch_size, collate_fn=collate_crops,
-            map_fn=CropImages(d.crop, d.flip, self.seed, d.max_images_per_sample, d.crop_tries), seed=self.seed,
+            map_fn=CropImages(d.crop, d.flip, self.seed, d.max_images_per_sample, d.crop_tries, d.square),
+            seed=self.seed,
             rank=rank, world_size=world_size, num_workers=num_workers, decode_images=True,
             shuffle_buffer=d.shuffle_buffer, infinite=True,
         )
@@ -179,7 +189,8 @@ class VQTask:
         cfg = self.loss_cfg
         device = next(vq.parameters()).device
         vq.eval()
-        images = list(iter_shard_images(self.data_cfg.sources, limit=cfg.decoder_finetune_images))
+        images = list(iter_shard_images(self.data_cfg.sources, limit=cfg.decoder_finetune_images,
+                                        square=self.data_cfg.square))
         if not images:
             return {}
         buckets: dict[tuple, list[int]] = {}

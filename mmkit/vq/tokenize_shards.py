@@ -1,7 +1,7 @@
 """`mmkit data tokenize-images`: add VQ codes to every image of a set of shards.
 
 Each output shard has the same name, samples, member names and image bytes as its input;
-only `<key>.json` gains `"image_codes": [{"h", "w", "codes"} | null, ...]` aligned with
+only `<key>.json` gains `"image_codes": [{"h", "w", "codes", "src_w", "src_h"} | null, ...]` aligned with
 `"images"`. With `square=S` every image is first resized to S x S (LANCZOS; `square_image`):
 the code grid is then the same S/f x S/f for all images, and a fixed grid of the picture
 (the shapes world's 3x3 cells) always maps to the same code block. Shards are read member by
@@ -83,11 +83,12 @@ def vq_pixels(img, square: int | None = None) -> torch.Tensor:
     return image_to_tensor(square_image(img, square) if square else img)
 
 
-def _decode(data: bytes, square: int | None = None) -> torch.Tensor:
+def _decode(data: bytes, square: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """-> (pixels, (w, h) of the stored image before any resize)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
-        return vq_pixels(img, square)
+        return vq_pixels(img, square), img.size
 
 
 @torch.no_grad()
@@ -130,18 +131,20 @@ def run(model_dir, shards, out_dir, batch_size: int = 64, progress: bool = True,
                 if name not in members:
                     raise UsageError(f"{path}: sample {key} names a missing image member {name}")
                 try:
-                    x = fit_to_factor(_decode(members[name], square), f)
+                    x, src = _decode(members[name], square)
+                    x = fit_to_factor(x, f)
                 except (OSError, UsageError):  # undecodable or too small: leave codes null
                     stats["skipped_images"] += 1
                     continue
-                groups[tuple(x.shape)].append((si, pos, x))
+                groups[tuple(x.shape)].append((si, pos, x, src))
         for items in groups.values():
             for i in range(0, len(items), batch_size):
                 chunk = items[i:i + batch_size]
-                codes = model.encode(torch.stack([x for _, _, x in chunk]))  # (b, h, w)
-                for (si, pos, _), c in zip(chunk, codes):
+                codes = model.encode(torch.stack([x for _, _, x, _ in chunk]))  # (b, h, w)
+                for (si, pos, _, (sw, sh)), c in zip(chunk, codes):
                     h, w = c.shape
-                    docs[si]["image_codes"][pos] = {"h": int(h), "w": int(w), "codes": c.reshape(-1).tolist()}
+                    docs[si]["image_codes"][pos] = {"h": int(h), "w": int(w), "codes": c.reshape(-1).tolist(),
+                                                    "src_w": int(sw), "src_h": int(sh)}
                 stats["images"] += len(chunk)
         from mmkit.data.writer import encode_json
 

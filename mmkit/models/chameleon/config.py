@@ -58,6 +58,10 @@ class MmkitChameleonConfig(PretrainedConfig):
     # input images are resized to image_size x image_size px before VQ encoding (training codes from
     # `mmkit data tokenize-images --square`, the pipeline likewise); None = each image at its own size
     image_size: int | None = None
+    # mmkit-only, square models (image_size) with size tokens: the size tokens after boi name the
+    # source image's size in VQ-factor units (its aspect before the square resize), not the fixed
+    # code grid; a generated image asks for a square source unless another size is given
+    source_size_tokens: bool = False
     # mmkit-only layout (processor + pipeline): a VQA prompt names the question before the
     # image too, so the image tokens are read with the question in view
     vqa_question_first: bool = False
@@ -80,6 +84,8 @@ class MmkitChameleonConfig(PretrainedConfig):
             raise ValueError("image_pos_embed needs the multires layout (eor_token_id, max_grid_size > 0)")
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"image_size must be a positive pixel side or None (got {self.image_size})")
+        if self.source_size_tokens and (self.image_size is None or self.size_token_offset is None):
+            raise ValueError("source_size_tokens needs a square model (image_size) with size tokens (multires)")
         if self.image_token_offset + self.num_image_tokens > self.vocab_size:
             raise ValueError("image codes [image_token_offset, +num_image_tokens) exceed vocab_size")
 

@@ -51,10 +51,15 @@ class ChameleonProcessor:
     def __init__(self, tokenizer, *, bos_token_id: int, eos_token_id: int, boi_token_id: int, eoi_token_id: int,
                  image_token_offset: int, num_image_tokens: int, eor_token_id: int | None = None,
                  size_token_offset: int | None = None, max_grid_size: int = 0, vq=None,
-                 question_first: bool = False, image_size: int | None = None, image_grid: int | None = None):
+                 question_first: bool = False, image_size: int | None = None, image_grid: int | None = None,
+                 source_size_tokens: bool = False):
         self.tokenizer, self.vq, self.question_first = tokenizer, vq, question_first
         # square models: images resized to image_size px, codes must be image_grid x image_grid
         self.image_size, self.image_grid = image_size, image_grid
+        # size tokens name the source image's size (VQ-factor units) instead of the code grid
+        self.source_size_tokens = source_size_tokens
+        if source_size_tokens and (image_size is None or not image_grid or size_token_offset is None):
+            raise UsageError("source_size_tokens needs image_size, image_grid and size tokens")
         self.bos, self.eos, self.boi, self.eoi = bos_token_id, eos_token_id, boi_token_id, eoi_token_id
         self.offset, self.n_codes = image_token_offset, num_image_tokens
         self.eor, self.size_offset, self.max_grid = eor_token_id, size_token_offset, max_grid_size
@@ -70,14 +75,17 @@ class ChameleonProcessor:
                    max_grid_size=config.max_grid_size, vq=vq,
                    question_first=bool(getattr(config, "vqa_question_first", False)),
                    image_size=getattr(config, "image_size", None),
-                   image_grid=config.image_grid_h if getattr(config, "image_size", None) else None)
+                   image_grid=config.image_grid_h if getattr(config, "image_size", None) else None,
+                   source_size_tokens=bool(getattr(config, "source_size_tokens", False)))
 
     # -- pieces -------------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def image_ids(self, codes) -> list[int]:
-        """codes (h, w) -> boi [size_h size_w] (row [eor]) * h eoi."""
+    def image_ids(self, codes, source_size: tuple[int, int] | None = None) -> list[int]:
+        """codes (h, w) -> boi [size_h size_w] (row [eor]) * h eoi. `source_size` (w, h) px of
+        the image before the square resize: what the size tokens say in source_size_tokens
+        models (None there: a square source)."""
         codes = torch.as_tensor(codes, dtype=torch.long)
         h, w = codes.shape
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.n_codes):
@@ -86,19 +94,56 @@ class ChameleonProcessor:
         if self.size_offset is not None:
             if self.max_grid and max(h, w) > self.max_grid:
                 raise UsageError(f"image grid {h}x{w} exceeds max_grid_size {self.max_grid}")
-            ids += [self.size_offset + h, self.size_offset + w]
+            sh, sw = self.source_grid(source_size) if self.source_size_tokens else (h, w)
+            ids += [self.size_offset + sh, self.size_offset + sw]
         rows = (codes + self.offset).tolist()
         for row in rows:
             ids += row + ([self.eor] if self.eor is not None else [])
         return ids + [self.eoi]
 
+    def source_grid(self, source_size: tuple[int, int] | None) -> tuple[int, int]:
+        """(w, h) px of a source image -> its size tokens (h, w) in VQ-factor units, each in
+        1..max_grid_size (aspect kept when capped); None -> the square code grid."""
+        if source_size is None:
+            return self.image_grid, self.image_grid
+        f = self.image_size / self.image_grid
+        w, h = source_size
+        s = min(1.0, self.max_grid * f / max(w, h)) if self.max_grid else 1.0
+        return max(1, round(h * s / f)), max(1, round(w * s / f))
+
+    def source_size_of(self, doc: dict, i: int) -> tuple[int, int] | None:
+        """(w, h) px of image i before any resize: stored by tokenize-images (`src_w`, `src_h`),
+        else read from the image (PIL or encoded bytes: header only); None for other models."""
+        if not self.source_size_tokens:
+            return None
+        stored = (doc.get("meta") or {}).get("image_codes") or doc.get("image_codes")
+        c = stored[i] if stored and i < len(stored) else None
+        if c and "src_w" in c:
+            return int(c["src_w"]), int(c["src_h"])
+        img = (doc.get("images") or [None] * (i + 1))[i]
+        if isinstance(img, (bytes, bytearray)):
+            import io
+
+            from PIL import Image
+
+            with Image.open(io.BytesIO(img)) as im:
+                return im.size
+        if img is None:
+            raise UsageError(f"{doc.get('__key__', 'doc')}: image {i} has no source size (re-run tokenize-images)")
+        return img.size
+
+    def doc_image_ids(self, doc: dict, i: int) -> list[int]:
+        """Image i of a reader doc -> its token span (codes and, if the model says so, source size)."""
+        return self.image_ids(self.codes_of(doc, i), self.source_size_of(doc, i))
+
     def vqa_prefix(self, question: str) -> list[int]:
         """bos [+ "Question: q" when question_first]: what precedes the image of a VQA prompt."""
         return [self.bos] + (self.text_ids(templates.vqa_question(question)) if self.question_first else [])
 
-    def vqa_prompt_ids(self, codes, question: str) -> list[int]:
+    def vqa_prompt_ids(self, codes, question: str, source_size: tuple[int, int] | None = None) -> list[int]:
         """The inference prompt of a VQA question (the training layout up to the answer)."""
-        return self.vqa_prefix(question) + self.image_ids(codes) + self.text_ids(templates.vqa_prompt(question))
+        return (self.vqa_prefix(question) + self.image_ids(codes, source_size)
+                + self.text_ids(templates.vqa_prompt(question)))
 
     def codes_of(self, doc: dict, i: int):
         """Codes (h, w) of image i of a reader doc: stored `image_codes`, else the VQ encoder."""
@@ -133,7 +178,7 @@ class ChameleonProcessor:
         parts = [([self.bos], False, TEXT)]
         for i, (text, image) in enumerate(zip(doc["texts"], doc["images"])):
             if image is not None:
-                parts.append((self.image_ids(self.codes_of(doc, i)), True, IMAGE))
+                parts.append((self.doc_image_ids(doc, i), True, IMAGE))
             elif text:
                 parts.append((self.text_ids(text), True, TEXT))
         parts.append(([self.eos], True, TEXT))
@@ -152,7 +197,7 @@ class ChameleonProcessor:
         `question_weights` re-weights their question types (mmkit.data.shapes.more_vqa)."""
         meta = doc.get("meta") or {}
         i = self._image_index(doc)
-        img = self.image_ids(self.codes_of(doc, i))
+        img = self.doc_image_ids(doc, i)
         parts = [(self.vqa_prefix(meta["question"]), False, TEXT), (img, supervise_prompt, IMAGE)]
         extra = more_vqa(meta, extra_questions, rng or random.Random(0), image_index=i, weights=question_weights)
         for qa in [meta] + extra:
@@ -169,7 +214,7 @@ class ChameleonProcessor:
         return texts[0]
 
     def encode_caption(self, doc: dict, supervise_prompt: bool = False, text: str | None = None) -> Encoded:
-        img = self.image_ids(self.codes_of(doc, self._image_index(doc)))
+        img = self.doc_image_ids(doc, self._image_index(doc))
         prompt = self.text_ids(templates.caption_prompt())
         target = self.text_ids(templates.caption_target(self._caption_text(doc, text))) + [self.eos]
         return self._seq([([self.bos], False, TEXT), (img, supervise_prompt, IMAGE), (prompt, supervise_prompt, TEXT),
@@ -180,7 +225,7 @@ class ChameleonProcessor:
         """Text-to-image; `drop_condition` replaces the caption by the unconditional prompt (CFG)."""
         caption = None if drop_condition else self._caption_text(doc, text)
         prompt = self.text_ids(templates.t2i_prompt(caption))
-        img = self.image_ids(self.codes_of(doc, self._image_index(doc)))
+        img = self.doc_image_ids(doc, self._image_index(doc))
         return self._seq([([self.bos], False, TEXT), (prompt, supervise_prompt, TEXT), (img, True, IMAGE),
                           ([self.eos], True, TEXT)], "t2i")
 

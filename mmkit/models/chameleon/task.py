@@ -52,6 +52,9 @@ class ChameleonModelSection:
     # every image resized to image_size x image_size px (codes from `tokenize-images --square` with the
     # same S; grid S/f x S/f, also the generated grid); None = images at their own size
     image_size: int | None = None
+    # with image_size + multires: size tokens name the source image's size (its aspect before the
+    # square resize) instead of the fixed grid; generation then asks for a square source by default
+    source_size_tokens: bool = False
     # vq: image-code rows start from their decoded patches (pooled colour); vq_mask: also the patch's
     # colour-free chroma mask, so codes of the same edge/corner in different colours start alike
     image_embed_init: Literal["normal", "vq", "vq_mask"] = "normal"
@@ -166,6 +169,8 @@ def build_config(section: ChameleonModelSection, tokenizer, vq_config):
             raise UsageError(f"model.image_grid {section.image_grid} disagrees with model.image_size "
                              f"{section.image_size} ({square[0]}x{square[1]} codes); leave image_grid unset")
         grid = square
+    if section.source_size_tokens and (section.image_size is None or not section.multires):
+        raise UsageError("model.source_size_tokens needs model.image_size and model.multires: true")
     vocab = v_text + n_codes
     extra = {}
     if section.image_pos_embed and not section.multires:
@@ -184,7 +189,7 @@ def build_config(section: ChameleonModelSection, tokenizer, vq_config):
         "attention_dropout", "z_loss", "initializer_range", "tie_word_embeddings")}
     return MmkitChameleonConfig(vocab_size=vocab, image_token_offset=v_text, num_image_tokens=n_codes,
                                 image_grid_h=grid[0], image_grid_w=grid[1], vqa_question_first=section.vqa_question_first,
-                                image_size=section.image_size,
+                                image_size=section.image_size, source_size_tokens=section.source_size_tokens,
                                 **arch, **ids, **extra)
 
 
