@@ -40,8 +40,10 @@ def _open_image(img):
     if isinstance(img, (str, Path)):
         if not Path(img).is_file():
             raise UsageError(f"no such image file: {img}")
-        img = Image.open(img)
-    return img.convert("RGB")
+        with Image.open(img) as f:
+            return f.convert("RGB")
+    # RGB images pass through uncopied: answer() opens each image and _pixels opens it again
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _chunks(n: int, size: int):

@@ -45,6 +45,18 @@ class Encoded:
         return len(self.input_ids)
 
 
+def _stored_codes(doc: dict, i: int) -> dict | None:
+    """The `image_codes` entry of image i of a reader doc ({"h", "w", "codes", ...}), or None."""
+    stored = (doc.get("meta") or {}).get("image_codes") or doc.get("image_codes")
+    return stored[i] if stored and i < len(stored) else None
+
+
+def _doc_image(doc: dict, i: int):
+    """Image i of a reader doc (PIL, encoded bytes when not decoded, or None)."""
+    images = doc.get("images") or []
+    return images[i] if i < len(images) else None
+
+
 class ChameleonProcessor:
     """Token layout of the Chameleon family; built from a model config and a text tokenizer."""
 
@@ -116,11 +128,10 @@ class ChameleonProcessor:
         else read from the image (PIL or encoded bytes: header only); None for other models."""
         if not self.source_size_tokens:
             return None
-        stored = (doc.get("meta") or {}).get("image_codes") or doc.get("image_codes")
-        c = stored[i] if stored and i < len(stored) else None
+        c = _stored_codes(doc, i)
         if c and "src_w" in c:
             return int(c["src_w"]), int(c["src_h"])
-        img = (doc.get("images") or [None] * (i + 1))[i]
+        img = _doc_image(doc, i)
         if isinstance(img, (bytes, bytearray)):
             import io
 
@@ -147,15 +158,14 @@ class ChameleonProcessor:
 
     def codes_of(self, doc: dict, i: int):
         """Codes (h, w) of image i of a reader doc: stored `image_codes`, else the VQ encoder."""
-        stored = (doc.get("meta") or {}).get("image_codes") or doc.get("image_codes")
-        if stored and i < len(stored) and stored[i] is not None:
-            c = stored[i]
+        c = _stored_codes(doc, i)
+        if c is not None:
             if self.image_grid and (c["h"], c["w"]) != (self.image_grid, self.image_grid):
                 raise UsageError(f"{doc.get('__key__', 'doc')}: stored codes are {c['h']}x{c['w']} but the model "
                                  f"reads {self.image_size} px squares ({self.image_grid}x{self.image_grid} codes): "
                                  f"tokenize the shards with `mmkit data tokenize-images --square {self.image_size}`")
             return torch.tensor(c["codes"], dtype=torch.long).view(c["h"], c["w"])
-        img = (doc.get("images") or [None] * (i + 1))[i]
+        img = _doc_image(doc, i)
         if self.vq is None or img is None or isinstance(img, (bytes, bytearray)):
             raise UsageError(f"{doc.get('__key__', 'doc')}: image {i} has no image_codes and no VQ model to encode it "
                              "(run `mmkit data tokenize-images` or give model.vq)")
