@@ -7,6 +7,7 @@ import torch
 
 from mmkit.data import templates
 from mmkit.data.synth import make_doc
+from mmkit.errors import UsageError
 from mmkit.models.chameleon.config import MmkitChameleonConfig
 from mmkit.models.chameleon.model import MmkitChameleonForCausalLM
 from mmkit.models.chameleon.processor import IMAGE, ChameleonProcessor, token_weights
@@ -97,6 +98,36 @@ def test_multires_layout_matches_sampler(tokenizer):
     assert ids[1:3] == [cfg.size_token_offset + 2, cfg.size_token_offset + 3]
     assert ids.count(cfg.eor_token_id) == 2
     assert torch.equal(lay.codes_from_span(ids[1:]), codes)
+
+
+def test_block_order_layout_matches_sampler(tokenizer):
+    """image_block 2: each 2x2 block's codes are consecutive, a token row is a row of blocks,
+    the processor writes exactly the sampler's template, and both read back the grid."""
+    from mmkit.generation.sampler import image_layout_from_config
+    from mmkit.text.image_vocab import from_block_order, to_block_order
+
+    cfg = make_config(tokenizer, multires=True, image_block=2)
+    proc = ChameleonProcessor.from_config(tokenizer, cfg)
+    codes = torch.arange(24).view(4, 6)
+    ids = proc.image_ids(codes)
+    off = cfg.image_token_offset
+    row0 = [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]  # blocks of rows 0-1, left to right
+    assert ids[:3] == [cfg.boi_token_id, cfg.size_token_offset + 4, cfg.size_token_offset + 6]
+    assert ids[3:3 + 13] == [off + c for c in row0] + [cfg.eor_token_id]
+    assert ids.count(cfg.eor_token_id) == 2 and ids[-1] == cfg.eoi_token_id
+    lay = image_layout_from_config(cfg, 4, 6)
+    it = iter([i for i in ids[1:] if off <= i < off + N_CODES])
+    assert ids == [cfg.boi_token_id] + [next(it) if t == -1 else t for t in lay.template()]
+    assert torch.equal(lay.codes_from_span(ids[1:]), codes)
+    assert torch.equal(from_block_order(to_block_order(codes, 2), 4, 6, 2), codes)
+    assert torch.equal(to_block_order(codes, 1), codes)
+    # a grid that is not made of whole blocks, and row embeddings (counted from eor), are refused
+    with pytest.raises(UsageError, match="2x2 blocks"):
+        image_layout_from_config(cfg, 3, 6)
+    with pytest.raises(UsageError, match="2x2 blocks"):
+        proc.image_ids(torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="image_block"):
+        make_config(tokenizer, multires=True, image_block=2, image_pos_embed=True).validate_architecture()
 
 
 def test_pack_collate_keeps_documents_and_targets(tokenizer):

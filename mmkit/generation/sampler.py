@@ -84,13 +84,21 @@ class ImageLayout:
     size_offset: int | None = None  # size token of n = size_offset + n, right after boi
     # what the size tokens say, when not the code grid (h, w): source_size_tokens models
     size_tokens: tuple[int, int] | None = None
+    # codes written in block x block blocks (mmkit.text.image_vocab.to_block_order): a token
+    # row is then one row of blocks (w * block codes), h / block rows
+    block: int = 1
+
+    def __post_init__(self):
+        from mmkit.text.image_vocab import check_block
+
+        check_block(self.h, self.w, self.block)
 
     def template(self) -> list[int]:
         """Tokens after boi, -1 standing for 'any image code'; the last one is eoi."""
         sh, sw = self.size_tokens or (self.h, self.w)
         t = [] if self.size_offset is None else [self.size_offset + sh, self.size_offset + sw]
-        row = [-1] * self.w + ([] if self.eor is None else [self.eor])
-        return t + row * self.h + [self.eoi]
+        row = [-1] * (self.w * self.block) + ([] if self.eor is None else [self.eor])
+        return t + row * (self.h // self.block) + [self.eoi]
 
     @property
     def span_len(self) -> int:
@@ -107,6 +115,10 @@ class ImageLayout:
         out = torch.tensor(codes, dtype=torch.long)
         if ((out < 0) | (out >= self.num_codes)).any():
             raise ValueError("image span contains a token that is not an image code")
+        if self.block > 1:
+            from mmkit.text.image_vocab import from_block_order
+
+            return from_block_order(out, self.h, self.w, self.block)
         return out.view(self.h, self.w)
 
 
@@ -132,8 +144,12 @@ def image_layout_from_config(config, h: int | None = None, w: int | None = None,
         if min(sh, sw) < 1 or (max_grid and max(sh, sw) > max_grid):
             raise UsageError(f"source size {sh}x{sw} (VQ-factor units) outside 1..{max_grid}")
         size_tokens = (sh, sw)
+    block = int(getattr(config, "image_block", 1) or 1)
+    if block > 1 and (h % block or w % block):
+        raise UsageError(f"image grid {h}x{w} is not made of {block}x{block} blocks (the model's image_block)")
     return ImageLayout(h=h, w=w, boi=boi, eoi=eoi, code_offset=offset, num_codes=n,
-                       eor=getattr(config, "eor_token_id", None), size_offset=size_offset, size_tokens=size_tokens)
+                       eor=getattr(config, "eor_token_id", None), size_offset=size_offset, size_tokens=size_tokens,
+                       block=block)
 
 
 def image_code_mask(config, vocab_size: int, device=None) -> torch.Tensor | None:

@@ -128,3 +128,36 @@ def make_chameleon_vocabulary_map(num_codes: int = 8192, offset: int = 4, text_t
     for i in range(text_tokens):
         vm[f"tok{i}"] = nxt + 3 + i
     return vm
+
+
+# ----------------------------------------------------------------------------- code order
+
+
+def check_block(h: int, w: int, block: int, where: str = "image_block") -> None:
+    """A code grid (h, w) can be read in `block` x `block` blocks only if both sides divide."""
+    if block < 1 or h % block or w % block:
+        raise UsageError(f"{where}={block}: the code grid {h}x{w} is not made of {block}x{block} blocks")
+
+
+def to_block_order(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """codes (h, w) -> (h/b, w*b): each row of the result is one row of b x b blocks, each
+    block's b*b codes consecutive (raster inside the block, blocks left to right).
+
+    Why: in plain raster order the four codes of a 2x2 block are split over two rows (the
+    lower pair comes w+1 tokens after the upper one), so a small model sampling an image
+    has to keep an object's upper half in mind while it writes the rest of the row. In
+    block order one object of a grid-aligned scene is b*b consecutive tokens. b = 1 is raster.
+    """
+    h, w = codes.shape
+    check_block(h, w, block)
+    if block == 1:
+        return codes
+    b = block
+    return codes.view(h // b, b, w // b, b).permute(0, 2, 1, 3).reshape(h // b, w * b)
+
+
+def from_block_order(rows: torch.Tensor, h: int, w: int, block: int) -> torch.Tensor:
+    """Inverse of `to_block_order`: (h/b, w*b) or the flat h*w codes -> (h, w)."""
+    check_block(h, w, block)
+    b = block
+    return rows.reshape(h // b, w // b, b, b).permute(0, 2, 1, 3).reshape(h, w)

@@ -62,6 +62,9 @@ class MmkitChameleonConfig(PretrainedConfig):
     # source image's size in VQ-factor units (its aspect before the square resize), not the fixed
     # code grid; a generated image asks for a square source unless another size is given
     source_size_tokens: bool = False
+    # mmkit-only layout (processor + sampler): image codes are written in image_block x image_block
+    # blocks, each block's codes consecutive (mmkit.text.image_vocab.to_block_order); 1 = raster
+    image_block: int = 1
     # mmkit-only layout (processor + pipeline): a VQA prompt names the question before the
     # image too, so the image tokens are read with the question in view
     vqa_question_first: bool = False
@@ -82,6 +85,10 @@ class MmkitChameleonConfig(PretrainedConfig):
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.image_pos_embed and (self.eor_token_id is None or self.max_grid_size <= 0):
             raise ValueError("image_pos_embed needs the multires layout (eor_token_id, max_grid_size > 0)")
+        if self.image_block < 1:
+            raise ValueError(f"image_block must be >= 1 (got {self.image_block})")
+        if self.image_block > 1 and self.image_pos_embed:
+            raise ValueError("image_pos_embed counts rows from end-of-row tokens: it needs image_block=1")
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"image_size must be a positive pixel side or None (got {self.image_size})")
         if self.source_size_tokens and (self.image_size is None or self.size_token_offset is None):

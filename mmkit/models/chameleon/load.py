@@ -197,6 +197,9 @@ def transformers_config_dict(cfg) -> dict:
     if getattr(cfg, "image_pos_embed", False):
         raise MmkitError("transformers' Chameleon has no image row/column embeddings; cannot export a model with "
                          "image_pos_embed=true")
+    if getattr(cfg, "image_block", 1) != 1:
+        raise MmkitError("transformers' Chameleon reads image codes in raster order; cannot export a model with "
+                         f"image_block={cfg.image_block}")
     vq = cfg.hf_vq_config or dict(  # a tiny VQGAN config (weights are not exported; see module doc)
         embed_dim=32, num_embeddings=cfg.num_image_tokens, latent_channels=32, resolution=64, base_channels=32,
         channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[],

@@ -2,7 +2,8 @@
 
 Text goes through the text tokenizer (ids [0, V_text)); each image becomes
 `boi [<h> <w>] (w codes [eor]) * h eoi` with code c at id `image_token_offset + c` (size
-and end-of-row tokens only for multi-resolution models, Lumina-mGPT / Emu3 manner). The
+and end-of-row tokens only for multi-resolution models, Lumina-mGPT / Emu3 manner); with
+`image_block` b > 1 a token row is a row of b x b code blocks, each block's codes consecutive. The
 layout is the sampler's `ImageLayout`, so what the model reads in training is exactly what
 it writes at inference. Images come as VQ codes (the `image_codes` field added by
 `mmkit data tokenize-images`) or as PIL images encoded with a VQ model.
@@ -64,8 +65,9 @@ class ChameleonProcessor:
                  image_token_offset: int, num_image_tokens: int, eor_token_id: int | None = None,
                  size_token_offset: int | None = None, max_grid_size: int = 0, vq=None,
                  question_first: bool = False, image_size: int | None = None, image_grid: int | None = None,
-                 source_size_tokens: bool = False):
+                 source_size_tokens: bool = False, image_block: int = 1):
         self.tokenizer, self.vq, self.question_first = tokenizer, vq, question_first
+        self.block = image_block  # codes written in block x block blocks (to_block_order)
         # square models: images resized to image_size px, codes must be image_grid x image_grid
         self.image_size, self.image_grid = image_size, image_grid
         # size tokens name the source image's size (VQ-factor units) instead of the code grid
@@ -88,7 +90,8 @@ class ChameleonProcessor:
                    question_first=bool(getattr(config, "vqa_question_first", False)),
                    image_size=getattr(config, "image_size", None),
                    image_grid=config.image_grid_h if getattr(config, "image_size", None) else None,
-                   source_size_tokens=bool(getattr(config, "source_size_tokens", False)))
+                   source_size_tokens=bool(getattr(config, "source_size_tokens", False)),
+                   image_block=int(getattr(config, "image_block", 1) or 1))
 
     # -- pieces -------------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
@@ -108,7 +111,9 @@ class ChameleonProcessor:
                 raise UsageError(f"image grid {h}x{w} exceeds max_grid_size {self.max_grid}")
             sh, sw = self.source_grid(source_size) if self.source_size_tokens else (h, w)
             ids += [self.size_offset + sh, self.size_offset + sw]
-        rows = (codes + self.offset).tolist()
+        from mmkit.text.image_vocab import to_block_order
+
+        rows = (to_block_order(codes, self.block) + self.offset).tolist()  # (h / b, w * b)
         for row in rows:
             ids += row + ([self.eor] if self.eor is not None else [])
         return ids + [self.eoi]

@@ -61,6 +61,9 @@ class ChameleonModelSection:
     qk_norm_init: float = 1.0  # start value of the q/k-norm weights: attention logits scale with its square
     image_pos_embed: bool = False  # mmkit-only: learned row/column embeddings on image codes (needs multires)
     vqa_question_first: bool = False  # mmkit-only layout: "Question: q" also before the image in VQA prompts
+    # mmkit-only layout: image codes written in image_block x image_block blocks (each block's codes
+    # consecutive; with image_size 48 and f8 one 2x2 block is one cell of the shapes world's grid)
+    image_block: int = 1
 
 
 def init_image_rows_from_vq(model: nn.Module, vq, seed: int = 0, share: float = 0.5, mask: bool = False) -> None:
@@ -169,6 +172,12 @@ def build_config(section: ChameleonModelSection, tokenizer, vq_config):
             raise UsageError(f"model.image_grid {section.image_grid} disagrees with model.image_size "
                              f"{section.image_size} ({square[0]}x{square[1]} codes); leave image_grid unset")
         grid = square
+    if section.image_block > 1:
+        from mmkit.text.image_vocab import check_block
+
+        check_block(grid[0], grid[1], section.image_block, "model.image_block")
+        if section.image_pos_embed:
+            raise UsageError("model.image_pos_embed counts rows from end-of-row tokens: it needs model.image_block: 1")
     if section.source_size_tokens and (section.image_size is None or not section.multires):
         raise UsageError("model.source_size_tokens needs model.image_size and model.multires: true")
     vocab = v_text + n_codes
@@ -189,6 +198,7 @@ def build_config(section: ChameleonModelSection, tokenizer, vq_config):
         "attention_dropout", "z_loss", "initializer_range", "tie_word_embeddings")}
     return MmkitChameleonConfig(vocab_size=vocab, image_token_offset=v_text, num_image_tokens=n_codes,
                                 image_grid_h=grid[0], image_grid_w=grid[1], vqa_question_first=section.vqa_question_first,
+                                image_block=section.image_block,
                                 image_size=section.image_size, source_size_tokens=section.source_size_tokens,
                                 **arch, **ids, **extra)
 
