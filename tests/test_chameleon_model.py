@@ -327,15 +327,16 @@ def test_image_pos_embed_rows_columns_cache_and_documents():
         assert (model(ids).logits - full).abs().max() > 1e-3  # the column embedding is used
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_image_pos_embed_sampler_image_mode_matches_full_forward(cfg_scale):
+@pytest.mark.parametrize("cfg_scale,block", [(1.0, 1), (3.0, 1), (3.0, 2)])
+def test_image_pos_embed_sampler_image_mode_matches_full_forward(cfg_scale, block):
     """The fast sampler (prefill + decode_step, CFG rows, left padding) with row/column
-    embeddings: greedy codes == the argmax over codes of a full no-cache forward of the result."""
-    from mmkit.generation.sampler import SamplingParams, generate, left_pad
+    embeddings: greedy codes == the argmax over codes of a full no-cache forward of the result.
+    block 2 (image_block): 2 token rows of 8 codes (2x2 blocks), the column table 2x as long."""
+    from mmkit.generation.sampler import SamplingParams, generate, image_layout_from_config, left_pad
 
     EOR, SIZE = 207, 210
     cfg = tiny_cfg(eor_token_id=EOR, size_token_offset=SIZE, max_grid_size=16, image_pos_embed=True,
-                   image_grid_h=3, image_grid_w=4)
+                   image_grid_h=3 if block == 1 else 4, image_grid_w=4, image_block=block)
     torch.manual_seed(1)
     model = MmkitChameleonForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -345,7 +346,10 @@ def test_image_pos_embed_sampler_image_mode_matches_full_forward(cfg_scale):
     ids, mask = left_pad(prompts, 0)
     uncond = torch.tensor([[1, 280, BOI]])
     kw = dict(cfg_scale=cfg_scale, uncond_input_ids=uncond) if cfg_scale != 1.0 else {}
-    out = generate(model, ids, 3 * 5 + 3, attention_mask=mask, mode="image",
+    span = image_layout_from_config(cfg).span_len
+    assert span == (3 * 5 + 3 if block == 1 else 2 * 9 + 3)
+    assert model.model.grid_embed.col.shape[0] == 16 * block
+    out = generate(model, ids, span, attention_mask=mask, mode="image",
                    image_sampling=SamplingParams(do_sample=False), **kw)
     with torch.no_grad():
         for b, p in enumerate(prompts):
@@ -356,7 +360,7 @@ def test_image_pos_embed_sampler_image_mode_matches_full_forward(cfg_scale):
                 ul = model(useq).logits[0, uncond.shape[1] - 1:-1, 4:4 + NIMG].float()
                 lg = lg + (cfg_scale - 1.0) * (lg - ul)
             is_code = cfg.is_image_token(out[b])
-            assert int(is_code.sum()) == 12
+            assert int(is_code.sum()) == cfg.image_grid_h * cfg.image_grid_w
             assert torch.equal(out[b][is_code], lg.argmax(-1)[is_code] + 4)
 
 

@@ -121,13 +121,11 @@ def test_block_order_layout_matches_sampler(tokenizer):
     assert torch.equal(lay.codes_from_span(ids[1:]), codes)
     assert torch.equal(from_block_order(to_block_order(codes, 2), 4, 6, 2), codes)
     assert torch.equal(to_block_order(codes, 1), codes)
-    # a grid that is not made of whole blocks, and row embeddings (counted from eor), are refused
+    # a grid that is not made of whole blocks is refused
     with pytest.raises(UsageError, match="2x2 blocks"):
         image_layout_from_config(cfg, 3, 6)
     with pytest.raises(UsageError, match="2x2 blocks"):
         proc.image_ids(torch.zeros(3, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="image_block"):
-        make_config(tokenizer, multires=True, image_block=2, image_pos_embed=True).validate_architecture()
 
 
 def test_pack_collate_keeps_documents_and_targets(tokenizer):
@@ -314,6 +312,63 @@ def test_image_rows_from_vq_follow_decoded_patches(tokenizer):
     d_emb = torch.cdist(img, img) + torch.eye(N_CODES) * 1e9
     agree = (d_pix.argmin(1) == d_emb.argmin(1)).float().mean()
     assert agree > 0.5, float(agree)
+
+
+@pytest.mark.parametrize("free", [True, False])
+def test_code_rows_from_pixels_train_shared_and_bake_to_a_plain_model(tokenizer, tmp_path, free):
+    """image_embed_param: code rows = free rows + pixels @ proj (shared by all codes); codes that
+    decode alike stay alike through training (pixels_only), the projection gets the gradient, and
+    the baked model is a plain checkpoint with the same logits."""
+    from torch.nn.utils import parametrize
+
+    from mmkit.models.chameleon.task import bake_code_rows, code_pixel_features, tie_code_rows_to_pixels
+    from mmkit.train.optim import param_groups
+    from mmkit.vq.model import VQConfig, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig(base_channels=8, channel_multiplier=[1, 1, 1, 1], latent_channels=8, embed_dim=4,
+                          codebook_size=N_CODES, norm_groups=4, mid_attn=False)).eval()
+    decode = vq.decode
+    vq.decode = lambda c: decode(torch.where(c == 2, 1, c))  # codes 1 and 2 look the same
+    feats = code_pixel_features(vq)
+    assert feats.shape == (N_CODES, 4 * 64) and torch.allclose(feats[1], feats[2])
+    cfg = make_config(tokenizer)
+    model = MmkitChameleonForCausalLM(cfg)
+    off, n = cfg.image_token_offset, N_CODES
+    text_before = model.get_input_embeddings().weight[:off].clone()
+    tie_code_rows_to_pixels(model, vq, free=free)
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        w = module.weight
+        assert torch.equal(w[:off], text_before) if module is model.get_input_embeddings() else True
+        proj = module.parametrizations.weight[0].proj
+        torch.testing.assert_close(w[off:off + n], feats @ proj)
+        assert abs(float(w[off:off + n].detach().std()) - cfg.initializer_range) < 5e-3
+    # embedding tables and the projections below them are not weight-decayed
+    no_decay = {id(p) for p in param_groups(model, 0.1)[1]["params"]}
+    assert id(model.get_input_embeddings().parametrizations.weight[0].proj) in no_decay
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([[cfg.bos_token_id, off + 1, off + 3, off + 2, off + 5, cfg.eos_token_id]])
+    for _ in range(3):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        proj = model.get_input_embeddings().parametrizations.weight[0].proj
+        assert proj.grad is not None and proj.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+    emb = model.get_input_embeddings().weight.detach()
+    if free:
+        assert not torch.allclose(emb[off + 1], emb[off + 2])  # the free rows learnt per code
+    else:
+        torch.testing.assert_close(emb[off + 1], emb[off + 2])  # alike codes stay alike
+    with torch.no_grad():
+        before = model(ids).logits
+    bake_code_rows(model)
+    assert not parametrize.is_parametrized(model.get_input_embeddings())
+    model.save_pretrained(tmp_path / "m")
+    again = MmkitChameleonForCausalLM.from_pretrained(tmp_path / "m")
+    assert not any("parametrizations" in k for k in again.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, before)
 
 
 def test_multires_pipeline_reads_images_at_their_own_size(tokenizer):

@@ -17,9 +17,8 @@ from mmkit.train.config import TrainConfig
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed matrices, and everything else (1-D params + embeddings)."""
-    embedding_params = {
-        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
-    }
+    # recurse: a parametrized table keeps its weight (and its parametrization's parameters) below it
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     decay, no_decay, seen = [], [], set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once

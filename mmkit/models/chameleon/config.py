@@ -87,8 +87,6 @@ class MmkitChameleonConfig(PretrainedConfig):
             raise ValueError("image_pos_embed needs the multires layout (eor_token_id, max_grid_size > 0)")
         if self.image_block < 1:
             raise ValueError(f"image_block must be >= 1 (got {self.image_block})")
-        if self.image_block > 1 and self.image_pos_embed:
-            raise ValueError("image_pos_embed counts rows from end-of-row tokens: it needs image_block=1")
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"image_size must be a positive pixel side or None (got {self.image_size})")
         if self.source_size_tokens and (self.image_size is None or self.size_token_offset is None):

@@ -218,14 +218,16 @@ class ImageGridEmbedding(nn.Module):
     def __init__(self, cfg: MmkitChameleonConfig):
         super().__init__()
         self.cfg = cfg
+        # with image_block b a token row is a row of b x b blocks (w * b codes): the column
+        # table then names (block column, place inside the block) together
+        b = getattr(cfg, "image_block", 1) or 1
         self.row = nn.Parameter(torch.zeros(cfg.max_grid_size, cfg.hidden_size))
-        self.col = nn.Parameter(torch.zeros(cfg.max_grid_size, cfg.hidden_size))
+        self.col = nn.Parameter(torch.zeros(cfg.max_grid_size * b, cfg.hidden_size))
 
     def forward(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """ids (B, T), state (B, T, 2) from image_grid_state -> (B, T, D), zero off codes."""
-        G = self.cfg.max_grid_size
-        r = state[..., 0].clamp(0, G - 1)
-        c = (state[..., 1] - 1).clamp(0, G - 1)
+        r = state[..., 0].clamp(0, self.row.shape[0] - 1)
+        c = (state[..., 1] - 1).clamp(0, self.col.shape[0] - 1)
         e = self.row[r] + self.col[c]  # (B, T, D)
         return e * self.cfg.is_image_token(ids).unsqueeze(-1).to(e.dtype)
 

@@ -58,6 +58,9 @@ class ChameleonModelSection:
     # vq: image-code rows start from their decoded patches (pooled colour); vq_mask: also the patch's
     # colour-free chroma mask, so codes of the same edge/corner in different colours start alike
     image_embed_init: Literal["normal", "vq", "vq_mask"] = "normal"
+    # training-time: code rows of the embedding and LM head = free rows + a shared projection of each
+    # code's decoded pixels (CodeRowsFromPixels; "pixels_only": no free rows); saved models are plain
+    image_embed_param: Literal["table", "pixels", "pixels_only"] = "table"
     qk_norm_init: float = 1.0  # start value of the q/k-norm weights: attention logits scale with its square
     image_pos_embed: bool = False  # mmkit-only: learned row/column embeddings on image codes (needs multires)
     vqa_question_first: bool = False  # mmkit-only layout: "Question: q" also before the image in VQA prompts
@@ -97,6 +100,79 @@ def init_image_rows_from_vq(model: nn.Module, vq, seed: int = 0, share: float = 
             rows = rows / rows.std() * cfg.initializer_range
             old = weight[off:off + n].float().cpu()
             weight[off:off + n] = (share ** 0.5 * rows + (1 - share) ** 0.5 * old).to(weight)
+
+
+def code_pixel_features(vq, pool: int = 8) -> torch.Tensor:
+    """(n_codes, 4 * pool^2) what each code looks like: its decoded patch (VQ decode of a 2x2
+    grid of the code) pooled to pool x pool RGB, plus the colour-free ink mask (chroma, 0 on
+    the gray background) at the same size; each feature standardised over the codebook and
+    each group scaled by 1/sqrt(its width) (colour and shape get equal variance)."""
+    n = vq.config.codebook_size
+    dev = next(vq.parameters()).device
+    with torch.no_grad():
+        codes = torch.arange(n, device=dev)[:, None, None].expand(n, 2, 2)
+        patch = vq.decode(codes).float().cpu()  # (n, 3, 2f, 2f) in [-1, 1]
+        rgb = nn.functional.adaptive_avg_pool2d(patch, pool).flatten(1)  # (n, 3 p^2)
+        ink = nn.functional.adaptive_avg_pool2d(patch.amax(1, keepdim=True) - patch.amin(1, keepdim=True),
+                                                pool).flatten(1)  # (n, p^2)
+        groups = [(g - g.mean(0)) / (g.std(0) + 1e-6) for g in (rgb, ink)]
+        return torch.cat([g / g.shape[1] ** 0.5 for g in groups], 1)  # (n, 4 p^2)
+
+
+class CodeRowsFromPixels(nn.Module):
+    """Parametrization of an embedding / LM-head weight (V, D): the image-code rows become
+    `free_rows + features @ proj`, one projection shared by all codes.
+
+    Why: with a free row per code, what the model learns about one code (a red circle's
+    top-left quarter) says nothing about the many codes that look alike (the same quarter,
+    a pixel further right); a projection of each code's decoded pixels, like a ViT's patch
+    embedding, shares it between them. Training-time only: `bake` writes the effective
+    weight back, so a saved model is a plain Chameleon checkpoint. `free`: False keeps the
+    code rows to the projection alone.
+    """
+
+    def __init__(self, features: torch.Tensor, offset: int, dim: int, std: float, free: bool = True,
+                 seed: int = 0):
+        super().__init__()
+        self.offset, self.free = offset, free
+        self.register_buffer("features", features, persistent=True)  # (n, F)
+        g = torch.Generator().manual_seed(seed)
+        proj = torch.randn(features.shape[1], dim, generator=g)
+        proj *= std / (features @ proj).std()  # rows start with the usual init scale
+        self.proj = nn.Parameter(proj)  # (F, D)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # (V, D) -> (V, D)
+        n, o = self.features.shape[0], self.offset
+        rows = (self.features @ self.proj).to(weight.dtype)  # (n, D)
+        if self.free:
+            rows = rows + weight[o:o + n]
+        return torch.cat([weight[:o], rows, weight[o + n:]], 0)
+
+
+def tie_code_rows_to_pixels(model: nn.Module, vq, free: bool = True, seed: int = 0) -> None:
+    """Register `CodeRowsFromPixels` on the input embedding and the LM head (separate
+    projections); free code rows start at 0, so at step 0 a code's rows are its pixels' projection."""
+    from torch.nn.utils import parametrize
+
+    cfg = model.config
+    feats = code_pixel_features(vq)
+    if feats.shape[0] != cfg.num_image_tokens:
+        raise UsageError(f"model.vq has {feats.shape[0]} codes but the model {cfg.num_image_tokens}")
+    for i, module in enumerate((model.get_input_embeddings(), model.get_output_embeddings())):
+        with torch.no_grad():
+            module.weight[cfg.image_token_offset:cfg.image_token_offset + cfg.num_image_tokens] = 0.0
+        parametrize.register_parametrization(
+            module, "weight", CodeRowsFromPixels(feats, cfg.image_token_offset, cfg.hidden_size,
+                                                 cfg.initializer_range, free=free, seed=seed + i))
+
+
+def bake_code_rows(model: nn.Module) -> None:
+    """Write the effective weights of `tie_code_rows_to_pixels` back into plain parameters."""
+    from torch.nn.utils import parametrize
+
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 @dataclass
@@ -176,8 +252,6 @@ def build_config(section: ChameleonModelSection, tokenizer, vq_config):
         from mmkit.text.image_vocab import check_block
 
         check_block(grid[0], grid[1], section.image_block, "model.image_block")
-        if section.image_pos_embed:
-            raise UsageError("model.image_pos_embed counts rows from end-of-row tokens: it needs model.image_block: 1")
     if section.source_size_tokens and (section.image_size is None or not section.multires):
         raise UsageError("model.source_size_tokens needs model.image_size and model.multires: true")
     vocab = v_text + n_codes
@@ -396,6 +470,10 @@ class ChameleonTask:
             if self.vq is None:
                 raise UsageError(f"model.image_embed_init={self.section.image_embed_init} needs model.vq")
             init_image_rows_from_vq(model, self.vq, seed=self.seed, mask=self.section.image_embed_init == "vq_mask")
+        if self.section.image_embed_param != "table":
+            if self.vq is None:
+                raise UsageError(f"model.image_embed_param={self.section.image_embed_param} needs model.vq")
+            tie_code_rows_to_pixels(model, self.vq, free=self.section.image_embed_param == "pixels", seed=self.seed)
         return model
 
     def batches(self, *, rank: int = 0, world_size: int = 1, batch_size: int, num_workers: int = 0):
@@ -432,6 +510,7 @@ class ChameleonTask:
     def save_final(self, model: nn.Module, out_dir: str) -> None:
         """Self-contained dir: weights + config + text tokenizer + VQ tokenizer in vq/."""
         out = Path(out_dir)
+        bake_code_rows(model)  # image_embed_param: a plain checkpoint
         model.save_pretrained(str(out))
         self.tokenizer.save_pretrained(str(out))
         if self.section.vq:
