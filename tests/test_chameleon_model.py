@@ -371,3 +371,59 @@ def test_export_refuses_image_pos_embed(tmp_path):
     cfg = tiny_cfg(eor_token_id=207, size_token_offset=210, max_grid_size=16, image_pos_embed=True)
     with pytest.raises(MmkitError, match="image_pos_embed"):
         export_to_transformers(MmkitChameleonForCausalLM(cfg), tmp_path)
+
+
+def test_image_bidi_spans_masks_prefill_and_cached_decoding():
+    """image_bidi: inside a complete image span every token sees the whole span (an early code's
+    output depends on a later code), text before the span does not, an open span (being
+    generated) stays causal; a cached prefill + decode steps give the full-forward numbers,
+    also left-padded; explicit bidi_ids (training) == the spans found in the ids (inference)."""
+    from mmkit.generation.sampler import SamplingParams, generate, left_pad
+    from mmkit.models.chameleon.model import image_span_ids
+
+    cfg = tiny_cfg(image_bidi=True)
+    torch.manual_seed(0)
+    model = MmkitChameleonForCausalLM(cfg).eval()
+    text = torch.randint(210, V, (1, 20))
+    ids = torch.cat([text[:, :3], torch.tensor([[BOI]]), torch.randint(4, 4 + NIMG, (1, 8)), torch.tensor([[EOI]]),
+                     text[:, 3:10]], 1)  # text 0-2, boi 3, codes 4-11, eoi 12, text 13-19
+    spans = image_span_ids(ids, cfg)
+    assert spans[0].tolist() == [0] * 3 + [1] * 10 + [0] * 7
+    open_span = ids[:, :10]  # boi without its eoi: a span being generated
+    assert not image_span_ids(open_span, cfg).any()
+    changed = ids.clone()
+    changed[0, 10] = 4 + (int(ids[0, 10]) - 4 + 1) % NIMG  # a later code
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+        assert torch.equal(a[:, :3], b[:, :3])  # text before the span sees none of it
+        assert (a[:, 3:10] - b[:, 3:10]).abs().amax(-1).min() > 1e-5  # boi and every earlier code see the later one
+        causal = MmkitChameleonForCausalLM(tiny_cfg()).eval()
+        causal.load_state_dict(model.state_dict())
+        torch.testing.assert_close(causal(ids[:, :3]).logits, a[:, :3])
+        assert (causal(ids).logits[:, 4:10] - a[:, 4:10]).abs().max() > 1e-4
+        # training passes the spans explicitly: the same numbers
+        torch.testing.assert_close(model(ids, bidi_ids=spans).logits, a)
+        # greedy decoding after a cached prefill of [image + question] == argmax of full forwards
+        prompts = [ids[0, :15].tolist(), [1, 7] + ids[0, 3:13].tolist() + [30]]
+        pids, mask = left_pad(prompts, 0)
+        out = generate(model, pids, 5, attention_mask=mask, suppress_tokens=list(range(4, 4 + NIMG)) + [BOI])
+        for row, p in zip(out, prompts):
+            seq = p[:]
+            for t in row.tolist():
+                lg = model(torch.tensor([seq])).logits[0, -1].clone()
+                lg[4:4 + NIMG] = float("-inf")
+                lg[[BOI, EOI]] = float("-inf")  # the sampler refuses eoi outside a span
+                assert int(lg.argmax()) == t
+                seq.append(t)
+    # an explicit span needs a fresh pass
+    cache = model.make_cache(1, 32, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="fresh pass"):
+        model(ids[:, 5:], bidi_ids=spans[:, 5:], cache=cache, cache_position=5)
+
+
+def test_export_refuses_image_bidi_and_block_order(tmp_path):
+    from mmkit.errors import MmkitError
+
+    for kw, word in [({"image_bidi": True}, "image_bidi"), ({"image_block": 2}, "image_block")]:
+        with pytest.raises(MmkitError, match=word):
+            export_to_transformers(MmkitChameleonForCausalLM(tiny_cfg(**kw)), tmp_path / word)

@@ -128,6 +128,31 @@ def test_block_order_layout_matches_sampler(tokenizer):
         proc.image_ids(torch.zeros(3, 4, dtype=torch.long))
 
 
+def test_image_bidi_marks_input_images_only_and_packs_span_ids(tokenizer):
+    """image_bidi: the image span of a VQA / caption sample is bidirectional (it is read), the
+    t2i image is not (it is written); the packed batch numbers each span and the model's span
+    finder gives the same spans from the ids alone."""
+    from mmkit.models.chameleon.model import image_span_ids
+
+    cfg = make_config(tokenizer, image_bidi=True)
+    proc = ChameleonProcessor.from_config(tokenizer, cfg)
+    vqa = proc.encode_vqa(reader_doc("vqa", 0))
+    boi, eoi = vqa.input_ids.index(cfg.boi_token_id), vqa.input_ids.index(cfg.eoi_token_id)
+    assert vqa.bidi == [boi <= i <= eoi for i in range(len(vqa))]
+    cap, t2i = proc.encode(reader_doc("caption", 1), cond_dropout=0.0)
+    assert sum(cap.bidi) == GRID * GRID + 2 and not any(t2i.bidi)
+    data = ChameleonDataConfig(seq_len=256, cond_dropout=0.0)
+    items = [EncodeDoc(proc, data, seed=0)(reader_doc(k, i)) for k, i in [("vqa", 0), ("caption", 1)]]
+    batch = PackCollate(256, cfg.pad_token_id, first_fit=False)(items)
+    bidi = batch["bidi_ids"][0]
+    assert sorted(set(bidi.tolist()) - {0}) == [1, 2]  # the VQA image and the caption image
+    spans = image_span_ids(batch["input_ids"], cfg)[0]
+    assert torch.equal(bidi > 0, (spans > 0) & (spans <= 2))  # the t2i span (the 3rd) stays causal
+    plain = PackCollate(256, cfg.pad_token_id)([EncodeDoc(ChameleonProcessor.from_config(tokenizer, make_config(
+        tokenizer)), data, seed=0)(reader_doc("vqa", 0))])
+    assert "bidi_ids" not in plain
+
+
 def test_pack_collate_keeps_documents_and_targets(tokenizer):
     cfg = make_config(tokenizer)
     data = ChameleonDataConfig(seq_len=128, cond_dropout=0.0)
@@ -336,7 +361,8 @@ def test_code_rows_from_pixels_train_shared_and_bake_to_a_plain_model(tokenizer,
     model = MmkitChameleonForCausalLM(cfg)
     off, n = cfg.image_token_offset, N_CODES
     text_before = model.get_input_embeddings().weight[:off].clone()
-    tie_code_rows_to_pixels(model, vq, free=free)
+    mode = "pixels" if free else "pixels_only"
+    tie_code_rows_to_pixels(model, vq, embed=mode, head=mode)
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         w = module.weight
         assert torch.equal(w[:off], text_before) if module is model.get_input_embeddings() else True

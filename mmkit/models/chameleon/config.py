@@ -65,6 +65,10 @@ class MmkitChameleonConfig(PretrainedConfig):
     # mmkit-only layout (processor + sampler): image codes are written in image_block x image_block
     # blocks, each block's codes consecutive (mmkit.text.image_vocab.to_block_order); 1 = raster
     image_block: int = 1
+    # mmkit-only: images that are read, not written (VQA / caption inputs in training; every complete
+    # image span of a fresh prompt at inference) attend bidirectionally inside their span, like a
+    # ViT; images being generated stay causal
+    image_bidi: bool = False
     # mmkit-only layout (processor + pipeline): a VQA prompt names the question before the
     # image too, so the image tokens are read with the question in view
     vqa_question_first: bool = False

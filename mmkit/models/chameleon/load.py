@@ -197,6 +197,8 @@ def transformers_config_dict(cfg) -> dict:
     if getattr(cfg, "image_pos_embed", False):
         raise MmkitError("transformers' Chameleon has no image row/column embeddings; cannot export a model with "
                          "image_pos_embed=true")
+    if getattr(cfg, "image_bidi", False):
+        raise MmkitError("transformers' Chameleon reads images causally; cannot export a model with image_bidi=true")
     if getattr(cfg, "image_block", 1) != 1:
         raise MmkitError("transformers' Chameleon reads image codes in raster order; cannot export a model with "
                          f"image_block={cfg.image_block}")

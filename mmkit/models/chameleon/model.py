@@ -271,16 +271,34 @@ def doc_position_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - start
 
 
-def build_attention_mask(T: int, start: int, attention_mask, doc_ids, device):
+def image_span_ids(input_ids: torch.Tensor, cfg) -> torch.Tensor:
+    """(B, T) ids -> (B, T) long: k > 0 on the tokens of the k-th complete image span of a row
+    (boi .. eoi inclusive), 0 elsewhere (text, and a span still open at the end)."""
+    is_boi, is_eoi = input_ids == cfg.boi_token_id, input_ids == cfg.eoi_token_id
+    k = is_boi.long().cumsum(1)  # spans opened so far
+    closed = is_eoi.long().cumsum(1) - is_eoi.long()  # spans closed before this token
+    inside = k > closed  # between a boi and its eoi (inclusive)
+    # a span is complete iff its eoi comes later in the row: count eois from the right
+    eoi_total = is_eoi.long().sum(1, keepdim=True)
+    complete = k <= eoi_total
+    return torch.where(inside & complete, k, 0)
+
+
+def build_attention_mask(T: int, start: int, attention_mask, doc_ids, device, bidi_ids=None):
     """-> (mask (B, 1, T, S) bool or None, is_causal) for queries [start, start+T) over keys [0, S).
 
     The common cases need no mask tensor: a fresh causal pass uses SDPA's `is_causal`, a
-    one-token decode step attends to every cached key.
+    one-token decode step attends to every cached key. `bidi_ids` (B, T) (fresh pass only):
+    tokens sharing an id > 0 also see each other's later tokens (bidirectional image spans).
     """
     S = start + T
+    if bidi_ids is not None and not bool((bidi_ids > 0).any()):
+        bidi_ids = None
+    if bidi_ids is not None and start:
+        raise ValueError("bidi_ids need a fresh pass over the whole prompt (cache_position 0)")
     if doc_ids is not None and start == 0 and bool((doc_ids == doc_ids[:, :1]).all()):
         doc_ids = None  # one document per row: plain causal, no (B, T, T) mask to build or apply
-    if doc_ids is None and (attention_mask is None or bool(attention_mask[:, :S].all())):
+    if doc_ids is None and bidi_ids is None and (attention_mask is None or bool(attention_mask[:, :S].all())):
         if start == 0:
             return None, T > 1
         if T == 1:
@@ -288,6 +306,8 @@ def build_attention_mask(T: int, start: int, attention_mask, doc_ids, device):
     q_pos = torch.arange(start, S, device=device)
     mask = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S) causal
     mask = mask[None, None]
+    if bidi_ids is not None:  # (B, 1, T, T): a bidirectional block per image span
+        mask = mask | ((bidi_ids[:, :, None] == bidi_ids[:, None, :]) & (bidi_ids[:, :, None] > 0))[:, None]
     if doc_ids is not None:  # block-causal: attention stays inside each document
         if start:
             raise ValueError("doc_ids cannot be combined with a KV cache")
@@ -404,6 +424,7 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids: torch.Tensor | None = None,  # (B, T)
         labels: torch.Tensor | None = None,  # (B, T), aligned with input_ids (shifted here)
         doc_ids: torch.Tensor | None = None,  # (B, T) packed-document ids: block-causal attention
+        bidi_ids: torch.Tensor | None = None,  # (B, T) ids > 0: bidirectional spans (image_bidi models)
         cache: StaticKVCache | None = None,
         cache_position: int | None = None,
         loss_weights: torch.Tensor | None = None,  # (B, T) weight of predicting labels[t]
@@ -432,7 +453,12 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         dev = x.device.type
         act_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
         cos, sin = cos.to(act_dtype), sin.to(act_dtype)  # the dtype q/k have when RoPE runs
-        mask, is_causal = build_attention_mask(T, start, attention_mask, doc_ids, x.device)
+        if bidi_ids is None and getattr(cfg, "image_bidi", False) and start == 0 and input_ids is not None:
+            # image_bidi models read every complete image of a fresh prompt bidirectionally, as
+            # training reads the images of understanding samples (an image being generated is
+            # never complete in the prompt, so it stays causal)
+            bidi_ids = image_span_ids(input_ids, cfg)
+        mask, is_causal = build_attention_mask(T, start, attention_mask, doc_ids, x.device, bidi_ids)
 
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:

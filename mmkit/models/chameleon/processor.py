@@ -41,6 +41,7 @@ class Encoded:
     supervised: list[bool]
     modality: list[int]
     task: str = "interleaved"  # vqa | caption | t2i | interleaved: per-task loss weights
+    bidi: list[bool] | None = None  # tokens of an input image span read bidirectionally (image_bidi)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -65,9 +66,10 @@ class ChameleonProcessor:
                  image_token_offset: int, num_image_tokens: int, eor_token_id: int | None = None,
                  size_token_offset: int | None = None, max_grid_size: int = 0, vq=None,
                  question_first: bool = False, image_size: int | None = None, image_grid: int | None = None,
-                 source_size_tokens: bool = False, image_block: int = 1):
+                 source_size_tokens: bool = False, image_block: int = 1, image_bidi: bool = False):
         self.tokenizer, self.vq, self.question_first = tokenizer, vq, question_first
         self.block = image_block  # codes written in block x block blocks (to_block_order)
+        self.image_bidi = image_bidi  # VQA / caption input images: bidirectional spans
         # square models: images resized to image_size px, codes must be image_grid x image_grid
         self.image_size, self.image_grid = image_size, image_grid
         # size tokens name the source image's size (VQ-factor units) instead of the code grid
@@ -91,7 +93,8 @@ class ChameleonProcessor:
                    image_size=getattr(config, "image_size", None),
                    image_grid=config.image_grid_h if getattr(config, "image_size", None) else None,
                    source_size_tokens=bool(getattr(config, "source_size_tokens", False)),
-                   image_block=int(getattr(config, "image_block", 1) or 1))
+                   image_block=int(getattr(config, "image_block", 1) or 1),
+                   image_bidi=bool(getattr(config, "image_bidi", False)))
 
     # -- pieces -------------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
@@ -182,12 +185,15 @@ class ChameleonProcessor:
 
     # -- documents ----------------------------------------------------------------------
     def _seq(self, parts: list[tuple[list[int], bool, int]], task: str) -> Encoded:
-        ids, sup, mod = [], [], []
+        """parts (tokens, supervised, modality); with image_bidi the unsupervised image spans of
+        VQA and caption samples (inputs, never written) are marked bidirectional."""
+        ids, sup, mod, bidi = [], [], [], []
         for toks, supervised, modality in parts:
             ids += toks
             sup += [supervised] * len(toks)
             mod += [modality] * len(toks)
-        return Encoded(ids, sup, mod, task)
+            bidi += [self.image_bidi and task in ("vqa", "caption") and modality == IMAGE and not supervised] * len(toks)
+        return Encoded(ids, sup, mod, task, bidi if self.image_bidi else None)
 
     def encode_interleaved(self, doc: dict) -> Encoded:
         parts = [([self.bos], False, TEXT)]

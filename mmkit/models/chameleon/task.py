@@ -58,15 +58,19 @@ class ChameleonModelSection:
     # vq: image-code rows start from their decoded patches (pooled colour); vq_mask: also the patch's
     # colour-free chroma mask, so codes of the same edge/corner in different colours start alike
     image_embed_init: Literal["normal", "vq", "vq_mask"] = "normal"
-    # training-time: code rows of the embedding and LM head = free rows + a shared projection of each
-    # code's decoded pixels (CodeRowsFromPixels; "pixels_only": no free rows); saved models are plain
+    # training-time: code rows of the input embedding = free rows + a shared projection of each code's
+    # decoded pixels (CodeRowsFromPixels; "pixels_only": no free rows); saved models are plain
     image_embed_param: Literal["table", "pixels", "pixels_only"] = "table"
+    image_head_param: Literal["table", "pixels", "pixels_only"] = "table"  # the same for the LM head's code rows
     qk_norm_init: float = 1.0  # start value of the q/k-norm weights: attention logits scale with its square
     image_pos_embed: bool = False  # mmkit-only: learned row/column embeddings on image codes (needs multires)
     vqa_question_first: bool = False  # mmkit-only layout: "Question: q" also before the image in VQA prompts
     # mmkit-only layout: image codes written in image_block x image_block blocks (each block's codes
     # consecutive; with image_size 48 and f8 one 2x2 block is one cell of the shapes world's grid)
     image_block: int = 1
+    # mmkit-only: input images (VQA, captioning) attend bidirectionally inside their span; generated
+    # images (text-to-image, interleaved) stay causal
+    image_bidi: bool = False
 
 
 def init_image_rows_from_vq(model: nn.Module, vq, seed: int = 0, share: float = 0.5, mask: bool = False) -> None:
@@ -149,16 +153,22 @@ class CodeRowsFromPixels(nn.Module):
         return torch.cat([weight[:o], rows, weight[o + n:]], 0)
 
 
-def tie_code_rows_to_pixels(model: nn.Module, vq, free: bool = True, seed: int = 0) -> None:
-    """Register `CodeRowsFromPixels` on the input embedding and the LM head (separate
-    projections); free code rows start at 0, so at step 0 a code's rows are its pixels' projection."""
+def tie_code_rows_to_pixels(model: nn.Module, vq, embed: str = "pixels", head: str = "pixels", seed: int = 0) -> None:
+    """Register `CodeRowsFromPixels` on the input embedding and / or the LM head (separate
+    projections; each "table" (untouched), "pixels" or "pixels_only"); free code rows start at
+    0, so at step 0 a code's rows are its pixels' projection."""
     from torch.nn.utils import parametrize
 
     cfg = model.config
     feats = code_pixel_features(vq)
     if feats.shape[0] != cfg.num_image_tokens:
         raise UsageError(f"model.vq has {feats.shape[0]} codes but the model {cfg.num_image_tokens}")
-    for i, module in enumerate((model.get_input_embeddings(), model.get_output_embeddings())):
+    for i, (module, mode) in enumerate(((model.get_input_embeddings(), embed), (model.get_output_embeddings(), head))):
+        if mode == "table":
+            continue
+        if mode not in ("pixels", "pixels_only"):
+            raise UsageError(f"code rows: unknown mode {mode!r} (table, pixels, pixels_only)")
+        free = mode == "pixels"
         with torch.no_grad():
             module.weight[cfg.image_token_offset:cfg.image_token_offset + cfg.num_image_tokens] = 0.0
         parametrize.register_parametrization(
@@ -272,7 +282,7 @@ def build_config(section: ChameleonModelSection, tokenizer, vq_config):
         "attention_dropout", "z_loss", "initializer_range", "tie_word_embeddings")}
     return MmkitChameleonConfig(vocab_size=vocab, image_token_offset=v_text, num_image_tokens=n_codes,
                                 image_grid_h=grid[0], image_grid_w=grid[1], vqa_question_first=section.vqa_question_first,
-                                image_block=section.image_block,
+                                image_block=section.image_block, image_bidi=section.image_bidi,
                                 image_size=section.image_size, source_size_tokens=section.source_size_tokens,
                                 **arch, **ids, **extra)
 
@@ -305,7 +315,10 @@ class EncodeDoc:
                                      vqa_extra_questions=d.vqa_extra_questions, rng=rng, caption_texts=texts,
                                      vqa_question_weights=d.vqa_question_weights)
         weights = token_weights(seqs, d.loss_on, d.text_weight, d.image_weight, d.task_weights)
-        out = [(s.input_ids, w) for s, w in zip(seqs, weights) if any(w)]
+        if self.processor.image_bidi:  # (ids, weights, bidirectional flags)
+            out = [(s.input_ids, w, s.bidi) for s, w in zip(seqs, weights) if any(w)]
+        else:
+            out = [(s.input_ids, w) for s, w in zip(seqs, weights) if any(w)]
         return out or None  # None: nothing to learn from this doc (counted as skipped)
 
 
@@ -362,10 +375,13 @@ class PackCollate:
 
         seqs = [s for item in items for s in item]
         if self.first_fit:
-            seqs = [seqs[i] for i in first_fit_order([len(s) for s, _ in seqs], self.seq_len)]
-        ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long)
-        wts = torch.tensor([x for _, w in seqs for x in w], dtype=torch.float32)
-        starts = torch.tensor([0] + [len(s) for s, _ in seqs]).cumsum(0).tolist()
+            seqs = [seqs[i] for i in first_fit_order([len(s[0]) for s in seqs], self.seq_len)]
+        ids = torch.tensor([t for s in seqs for t in s[0]], dtype=torch.long)
+        wts = torch.tensor([x for s in seqs for x in s[1]], dtype=torch.float32)
+        starts = torch.tensor([0] + [len(s[0]) for s in seqs]).cumsum(0).tolist()
+        # (ids, weights, bidi flags): a bidirectional span gets its sequence's number (+1) as id
+        bidi = torch.tensor([(i + 1) * bool(f) for i, s in enumerate(seqs) for f in s[2]], dtype=torch.long) \
+            if seqs and len(seqs[0]) > 2 else None
         # pack global token indices, then gather ids / weights through them (one packer for everything)
         packed = pack_sequences([range(starts[i], starts[i + 1]) for i in range(len(seqs))], self.seq_len, pad_id=-1)
         index = packed["input_ids"]
@@ -375,6 +391,8 @@ class PackCollate:
         labels = torch.where(weights > 0, input_ids, -100)
         out = {"input_ids": input_ids, "doc_ids": packed["doc_ids"], "position_ids": packed["position_ids"],
                "labels": labels}
+        if bidi is not None:
+            out["bidi_ids"] = torch.where(pad, 0, bidi[index.clamp(min=0)])
         if bool(((weights != 0) & (weights != 1)).any()):
             out["loss_weights"] = weights
         return out
@@ -470,10 +488,11 @@ class ChameleonTask:
             if self.vq is None:
                 raise UsageError(f"model.image_embed_init={self.section.image_embed_init} needs model.vq")
             init_image_rows_from_vq(model, self.vq, seed=self.seed, mask=self.section.image_embed_init == "vq_mask")
-        if self.section.image_embed_param != "table":
+        params = {"embed": self.section.image_embed_param, "head": self.section.image_head_param}
+        if any(v != "table" for v in params.values()):
             if self.vq is None:
-                raise UsageError(f"model.image_embed_param={self.section.image_embed_param} needs model.vq")
-            tie_code_rows_to_pixels(model, self.vq, free=self.section.image_embed_param == "pixels", seed=self.seed)
+                raise UsageError("model.image_embed_param / image_head_param: pixels need model.vq")
+            tie_code_rows_to_pixels(model, self.vq, seed=self.seed, **params)
         return model
 
     def batches(self, *, rank: int = 0, world_size: int = 1, batch_size: int, num_workers: int = 0):
@@ -496,7 +515,7 @@ class ChameleonTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Any]):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
-                    labels=batch["labels"], loss_weights=batch.get("loss_weights"))
+                    labels=batch["labels"], loss_weights=batch.get("loss_weights"), bidi_ids=batch.get("bidi_ids"))
         metrics = {"tokens": float((batch["doc_ids"] >= 0).sum()), "ce": float(out.ce_loss), "z": float(out.z_loss),
                    "targets": float((batch["labels"] != -100).sum())}
         return out.loss, metrics
