@@ -148,6 +148,42 @@ def test_run_caption_and_t2i(tmp_path):
     assert len(list((tmp_path / "t" / "images").glob("*.png"))) == 4
 
 
+def test_t2i_image_temperature_sets_the_pipelines_sampling_for_the_run(tmp_path):
+    """image_temperature 0: images are drawn greedily during the run (the pipeline's own sampling
+    is back afterwards, also after an error); > 0 samples at that temperature; unset leaves it."""
+    from mmkit.generation import IMAGE_SAMPLING, SamplingParams
+
+    scene = random_scene(random.Random("t"))
+    prompt = scene_caption(scene, 0)
+    (tmp_path / "prompts.json").write_text(json.dumps([{"prompt": prompt}]))
+
+    class Sampling(FakePipeline):
+        image_sampling = IMAGE_SAMPLING
+
+        def generate_images(self, prompts, cfg_scale, seed):
+            self.seen = self.image_sampling
+            if getattr(self, "fail", False):
+                raise RuntimeError("boom")
+            return super().generate_images(prompts, cfg_scale, seed)
+
+    for temp, want in [("0", SamplingParams(do_sample=False)),
+                       ("0.5", SamplingParams(do_sample=True, temperature=0.5, top_k=IMAGE_SAMPLING.top_k)),
+                       ("null", IMAGE_SAMPLING)]:
+        task = tmp_path / f"t{temp}.yaml"
+        task.write_text(f"name: t\ntask: t2i\nprompts: {tmp_path / 'prompts.json'}\nimage_temperature: {temp}\n")
+        pipe = Sampling(scenes={prompt: scene})
+        res = runner.run_task(tmp_path / "m", task, out_dir=tmp_path / f"o{temp}", pipeline=pipe)
+        assert pipe.seen == want and pipe.image_sampling == IMAGE_SAMPLING
+        assert res["image_temperature"] == (None if temp == "null" else float(temp))
+    pipe = Sampling(scenes={prompt: scene})
+    pipe.fail = True
+    with pytest.raises(RuntimeError):
+        runner.run_task(tmp_path / "m", tmp_path / "t0.yaml", out_dir=tmp_path / "x", pipeline=pipe)
+    assert pipe.image_sampling == IMAGE_SAMPLING
+    with pytest.raises(ValueError, match="image_temperature"):
+        runner.TaskConfig(name="t", task="t2i", image_temperature=-1)
+
+
 def test_task_yamls_parse_and_bad_input(tmp_path):
     for path in sorted((ROOT / "eval").glob("*.yaml")):
         cfg = runner.load_task(path)

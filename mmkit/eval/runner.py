@@ -26,6 +26,8 @@ averaged. Rank 0 writes `results.json` (evaluator version, model, task, N, seed,
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import time
@@ -62,6 +64,9 @@ class TaskConfig:
     max_new_tokens: int | None = None
     seed: int = 0
     cfg_scale: float = 3.0
+    # t2i: how image codes are chosen: None = the pipeline's own sampling (T 1, top-k 2048 for the
+    # Chameleon family), 0 = greedy (argmax code; with CFG), > 0 = sampling at that temperature
+    image_temperature: float | None = None
     limit: int | None = None
     meteor: bool = True
     spice: bool = False
@@ -75,6 +80,8 @@ class TaskConfig:
             raise ValueError("batch_size must be positive")
         if self.limit is not None and self.limit <= 0:
             raise ValueError("limit must be positive")
+        if self.image_temperature is not None and self.image_temperature < 0:
+            raise ValueError("image_temperature must be >= 0 (0 = greedy)")
 
 
 def load_task(path, overrides: list[str] | None = None) -> TaskConfig:
@@ -295,6 +302,26 @@ def run_caption(pipeline, cfg: TaskConfig, limit: int | None = None, rank=0, wor
             "predictions": [{"image_id": k, "caption": c} for k, c in preds.items()]}
 
 
+@contextlib.contextmanager
+def _image_sampling(pipeline, temperature: float | None):
+    """The task's image-code sampling on the pipeline for the duration of a run (None: its own)."""
+    if temperature is None:
+        yield
+        return
+    from mmkit.generation import SamplingParams
+
+    if not hasattr(pipeline, "image_sampling"):
+        raise UsageError(f"image_temperature: {type(pipeline).__name__} has no image sampling to set")
+    keep = pipeline.image_sampling
+    pipeline.image_sampling = (SamplingParams(do_sample=False) if temperature == 0 else
+                               SamplingParams(do_sample=True, temperature=temperature, top_k=keep.top_k,
+                                              top_p=keep.top_p))
+    try:
+        yield
+    finally:
+        pipeline.image_sampling = keep
+
+
 def run_t2i(pipeline, cfg: TaskConfig, limit: int | None = None, rank=0, world=1, dist=None,
             out_dir: Path | None = None) -> dict | None:
     from mmkit.eval import t2i
@@ -312,7 +339,8 @@ def run_t2i(pipeline, cfg: TaskConfig, limit: int | None = None, rank=0, world=1
 
         return [(parse_image(im), im) for im in imgs]
 
-    local = _run_batches(entries, fn, cfg.batch_size, f"{cfg.name}", rank, world)
+    with _image_sampling(pipeline, cfg.image_temperature):
+        local = _run_batches(entries, fn, cfg.batch_size, f"{cfg.name}", rank, world)
     if out_dir is not None:  # every rank saves its own images
         for i, (_, im) in local.items():
             im.save(out_dir / "images" / f"{i:05d}.png")
@@ -389,6 +417,8 @@ def run_task(model_dir, task_path, out_dir=None, limit: int | None = None, batch
               "out_dir": str(out), "metrics": res["metrics"]}
     if cfg.task == "vqa":
         result["vqa_mode"] = cfg.metric
+    if cfg.task == "t2i":
+        result.update(cfg_scale=cfg.cfg_scale, image_temperature=cfg.image_temperature)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(markdown_table(result))
@@ -416,9 +446,11 @@ def evaluate_caption(pipeline, eval_dir, limit: int | None = None, meteor: bool 
 
 
 def evaluate_t2i(pipeline, eval_dir, cfg_scale: float = 3.0, seed: int = 0, limit: int | None = None,
-                 batch_size: int = 16) -> dict:
-    """shapes-t2i attribute accuracy: {"color", "shape", "count", "position", "attribute_accuracy", ...}."""
-    cfg = _shapes_cfg("t2i", eval_dir, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size)
+                 batch_size: int = 16, image_temperature: float | None = None) -> dict:
+    """shapes-t2i attribute accuracy: {"color", "shape", "count", "position", "attribute_accuracy", ...};
+    `image_temperature` as the task key (None: the pipeline's sampling, 0: greedy)."""
+    cfg = _shapes_cfg("t2i", eval_dir, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                      image_temperature=image_temperature)
     return run_t2i(pipeline, cfg, limit=limit)["metrics"]
 
 

@@ -245,7 +245,7 @@ class Quickstart:
         return generate_samples(self)
 
     def stage_evaluate(self) -> dict:
-        from mmkit.eval.runner import evaluate_caption, evaluate_t2i, evaluate_vqa, majority_baseline
+        from mmkit.eval.runner import evaluate_caption, evaluate_t2i, evaluate_vqa, load_task, majority_baseline
         from mmkit.generation import load_pipeline
 
         eval_dir = self.data / "eval"
@@ -256,7 +256,11 @@ class Quickstart:
             out["vqa"][fam] = evaluate_vqa(pipe, eval_dir, limit=lim)
             out["caption"][fam] = evaluate_caption(pipe, eval_dir, limit=lim)
             if fam == "chameleon":
-                out["t2i"][fam] = evaluate_t2i(pipe, eval_dir, cfg_scale=3.0, seed=0, limit=lim)
+                # the eval recipe's settings (CFG scale, how image codes are chosen)
+                task = load_task(self.root / "eval/shapes-t2i.yaml")
+                out["t2i"][fam] = evaluate_t2i(pipe, eval_dir, cfg_scale=task.cfg_scale, seed=task.seed, limit=lim,
+                                               image_temperature=task.image_temperature)
+                out["t2i"][fam].update(cfg_scale=task.cfg_scale, image_temperature=task.image_temperature)
         out["vqa"]["majority_baseline"] = majority_baseline(eval_dir)
         return out
 
