@@ -188,11 +188,12 @@ class ChameleonProcessor:
         """parts (tokens, supervised, modality); with image_bidi the unsupervised image spans of
         VQA and caption samples (inputs, never written) are marked bidirectional."""
         ids, sup, mod, bidi = [], [], [], []
+        reads = self.image_bidi and task in ("vqa", "caption")  # images here are inputs, never written
         for toks, supervised, modality in parts:
             ids += toks
             sup += [supervised] * len(toks)
             mod += [modality] * len(toks)
-            bidi += [self.image_bidi and task in ("vqa", "caption") and modality == IMAGE and not supervised] * len(toks)
+            bidi += [reads and modality == IMAGE and not supervised] * len(toks)
         return Encoded(ids, sup, mod, task, bidi if self.image_bidi else None)
 
     def encode_interleaved(self, doc: dict) -> Encoded:
