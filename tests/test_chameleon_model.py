@@ -378,7 +378,7 @@ def test_image_bidi_spans_masks_prefill_and_cached_decoding():
     output depends on a later code), text before the span does not, an open span (being
     generated) stays causal; a cached prefill + decode steps give the full-forward numbers,
     also left-padded; explicit bidi_ids (training) == the spans found in the ids (inference)."""
-    from mmkit.generation.sampler import SamplingParams, generate, left_pad
+    from mmkit.generation.sampler import generate, left_pad
     from mmkit.models.chameleon.model import image_span_ids
 
     cfg = tiny_cfg(image_bidi=True)
