@@ -27,7 +27,6 @@ averaged. Rank 0 writes `results.json` (evaluator version, model, task, N, seed,
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import time

@@ -144,12 +144,9 @@ def image_layout_from_config(config, h: int | None = None, w: int | None = None,
         if min(sh, sw) < 1 or (max_grid and max(sh, sw) > max_grid):
             raise UsageError(f"source size {sh}x{sw} (VQ-factor units) outside 1..{max_grid}")
         size_tokens = (sh, sw)
-    block = int(getattr(config, "image_block", 1) or 1)
-    if block > 1 and (h % block or w % block):
-        raise UsageError(f"image grid {h}x{w} is not made of {block}x{block} blocks (the model's image_block)")
     return ImageLayout(h=h, w=w, boi=boi, eoi=eoi, code_offset=offset, num_codes=n,
                        eor=getattr(config, "eor_token_id", None), size_offset=size_offset, size_tokens=size_tokens,
-                       block=block)
+                       block=int(getattr(config, "image_block", 1) or 1))  # ImageLayout checks the grid
 
 
 def image_code_mask(config, vocab_size: int, device=None) -> torch.Tensor | None:

@@ -73,30 +73,38 @@ class ChameleonModelSection:
     image_bidi: bool = False
 
 
+def code_pixel_features(vq, rgb_pool: int = 8, ink_pool: int | None = 8) -> torch.Tensor:
+    """(n_codes, F) what each code looks like: its decoded patch (VQ decode of a 2x2 grid of
+    the code) pooled to rgb_pool x rgb_pool RGB, plus (ink_pool) the colour-free ink mask
+    (chroma, max - min over channels: 0 on the gray background) at ink_pool x ink_pool, which
+    carries the local shape (edge, corner). Each feature is standardised over the codebook
+    and each group scaled by 1/sqrt(its width) (colour and shape get equal variance). Uses
+    only the VQ's public `decode`, so any quantizer works."""
+    n = vq.config.codebook_size
+    with torch.no_grad():
+        codes = torch.arange(n, device=next(vq.parameters()).device)[:, None, None].expand(n, 2, 2)
+        patch = vq.decode(codes).float().cpu()  # (n, 3, 2f, 2f) in [-1, 1]
+        groups = [nn.functional.adaptive_avg_pool2d(patch, rgb_pool).flatten(1)]  # (n, 3 p^2)
+        if ink_pool:
+            ink = patch.amax(1, keepdim=True) - patch.amin(1, keepdim=True)  # (n, 1, 2f, 2f)
+            groups.append(nn.functional.adaptive_avg_pool2d(ink, ink_pool).flatten(1))  # (n, q^2)
+        groups = [(g - g.mean(0)) / (g.std(0) + 1e-6) for g in groups]
+        return torch.cat([g / g.shape[1] ** 0.5 for g in groups], 1)
+
+
 def init_image_rows_from_vq(model: nn.Module, vq, seed: int = 0, share: float = 0.5, mask: bool = False) -> None:
     """Give the image-code rows of the input embedding and the LM head a start that knows
     what each code looks like: the code's decoded patch (VQ decode of a 2x2 grid of it,
     pooled to 4x4 RGB), standardised and randomly projected to the model width, mixed with
     the usual random init (`share` of the variance from the patch). Codes that look alike
     start with similar embeddings, so a small model does not have to learn colours from
-    scratch. Uses only the VQ's public `decode`, so any quantizer works.
-    `mask`: half of the patch features are the colour-free ink mask (8x8 chroma, max - min
-    over channels: 0 on the gray background), which carries the local shape (edge, corner).
+    scratch. `mask`: half of the patch features are the colour-free 8x8 ink mask
+    (`code_pixel_features`).
     """
     cfg = model.config
     n, off, d = cfg.num_image_tokens, cfg.image_token_offset, cfg.hidden_size
-    vq_p = next(vq.parameters())
+    feat = code_pixel_features(vq, rgb_pool=4, ink_pool=8 if mask else None)  # (n, 48) or (n, 112)
     with torch.no_grad():
-        codes = torch.arange(n, device=vq_p.device)[:, None, None].expand(n, 2, 2)
-        patch = vq.decode(codes).float().cpu()  # (n, 3, 2f, 2f) in [-1, 1]
-        feat = nn.functional.adaptive_avg_pool2d(patch, 4).flatten(1)  # (n, 48)
-        feat = (feat - feat.mean(0)) / (feat.std(0) + 1e-6)
-        if mask:
-            ink = (patch.amax(1, keepdim=True) - patch.amin(1, keepdim=True)) / 2  # (n, 1, 2f, 2f) chroma: 0 on gray
-            ink = nn.functional.adaptive_avg_pool2d(ink, 8).flatten(1)  # (n, 64)
-            ink = (ink - ink.mean(0)) / (ink.std(0) + 1e-6)
-            # equal variance for colour and shape: each group's features scaled by 1/sqrt(its width)
-            feat = torch.cat([feat / feat.shape[1] ** 0.5, ink / ink.shape[1] ** 0.5], 1)  # (n, 112)
         g = torch.Generator().manual_seed(seed)
         for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
             proj = torch.randn(feat.shape[1], d, generator=g) / feat.shape[1] ** 0.5  # (F, D)
@@ -106,23 +114,6 @@ def init_image_rows_from_vq(model: nn.Module, vq, seed: int = 0, share: float = 
             weight[off:off + n] = (share ** 0.5 * rows + (1 - share) ** 0.5 * old).to(weight)
 
 
-def code_pixel_features(vq, pool: int = 8) -> torch.Tensor:
-    """(n_codes, 4 * pool^2) what each code looks like: its decoded patch (VQ decode of a 2x2
-    grid of the code) pooled to pool x pool RGB, plus the colour-free ink mask (chroma, 0 on
-    the gray background) at the same size; each feature standardised over the codebook and
-    each group scaled by 1/sqrt(its width) (colour and shape get equal variance)."""
-    n = vq.config.codebook_size
-    dev = next(vq.parameters()).device
-    with torch.no_grad():
-        codes = torch.arange(n, device=dev)[:, None, None].expand(n, 2, 2)
-        patch = vq.decode(codes).float().cpu()  # (n, 3, 2f, 2f) in [-1, 1]
-        rgb = nn.functional.adaptive_avg_pool2d(patch, pool).flatten(1)  # (n, 3 p^2)
-        ink = nn.functional.adaptive_avg_pool2d(patch.amax(1, keepdim=True) - patch.amin(1, keepdim=True),
-                                                pool).flatten(1)  # (n, p^2)
-        groups = [(g - g.mean(0)) / (g.std(0) + 1e-6) for g in (rgb, ink)]
-        return torch.cat([g / g.shape[1] ** 0.5 for g in groups], 1)  # (n, 4 p^2)
-
-
 class CodeRowsFromPixels(nn.Module):
     """Parametrization of an embedding / LM-head weight (V, D): the image-code rows become
     `free_rows + features @ proj`, one projection shared by all codes.
@@ -130,8 +121,8 @@ class CodeRowsFromPixels(nn.Module):
     Why: with a free row per code, what the model learns about one code (a red circle's
     top-left quarter) says nothing about the many codes that look alike (the same quarter,
     a pixel further right); a projection of each code's decoded pixels, like a ViT's patch
-    embedding, shares it between them. Training-time only: `bake` writes the effective
-    weight back, so a saved model is a plain Chameleon checkpoint. `free`: False keeps the
+    embedding, shares it between them. Training-time only: `bake_code_rows` writes the
+    effective weight back, so a saved model is a plain Chameleon checkpoint. `free`: False keeps the
     code rows to the projection alone.
     """
 
@@ -258,10 +249,9 @@ def build_config(section: ChameleonModelSection, tokenizer, vq_config):
             raise UsageError(f"model.image_grid {section.image_grid} disagrees with model.image_size "
                              f"{section.image_size} ({square[0]}x{square[1]} codes); leave image_grid unset")
         grid = square
-    if section.image_block > 1:
-        from mmkit.text.image_vocab import check_block
+    from mmkit.text.image_vocab import check_block
 
-        check_block(grid[0], grid[1], section.image_block, "model.image_block")
+    check_block(grid[0], grid[1], section.image_block, "model.image_block")
     if section.source_size_tokens and (section.image_size is None or not section.multires):
         raise UsageError("model.source_size_tokens needs model.image_size and model.multires: true")
     vocab = v_text + n_codes
