@@ -56,6 +56,33 @@ def test_blocked_attention_matches_sdpa_fp32(case, keep_probs, monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def test_blocked_attention_layout_memo_follows_the_mask(monkeypatch):
+    """The per-mask layout (key ranges, bias) is reused across calls with the same mask, and
+    never for another mask or for the same mask changed in place."""
+    import mmkit.nn.attention as A
+
+    monkeypatch.setattr(A, "_Q_BLOCK", 32)
+    q, k, v, gout = _qkv(2, 4, 100, 100, 16, 16)
+    mask = _doc_mask(100)
+
+    def both(m):
+        ref = _fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=m.clone()), q, k, v, gout)
+        ours = _fwd_bwd(lambda a, b, c: blocked_attention(a, b, c, m), q, k, v, gout)
+        for x, y in zip(ours, ref):
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4)
+
+    calls = []
+    steps = A._steps
+    monkeypatch.setattr(A, "_steps", lambda *a: calls.append(1) or steps(*a))
+    both(mask)
+    both(mask)  # same tensor, unchanged: forward and backward reuse one layout
+    assert len(calls) == 1
+    mask[0, 0, 60:, :40] = True  # in place: document 0 now sees more keys
+    both(mask)
+    both(_doc_mask(100))  # an equal but different tensor
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_bf16_cpu_error_like_sdpa(causal):
     q, k, v, gout = _qkv(2, 3, 130, 130, 32, 32)

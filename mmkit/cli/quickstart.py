@@ -10,6 +10,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply data and training budget (more time, better models)")
     p.add_argument("--smoke", action="store_true", help="tiny wiring run (<= 2 min): checks every stage and file, not quality")
+    p.add_argument("--procs", type=int, default=None,
+                   help="processes to share the CPU between (default: 2 on a CPU-only machine with >= 2 cores: "
+                        "Kimi-VL beside the VQ, then a data-parallel Chameleon; 1: every stage in-process)")
     p.add_argument("--stages", nargs="*", metavar="STAGE", help="run only these stages (others are reused)")
     p.set_defaults(func=run)
 
@@ -24,7 +27,7 @@ def run(args) -> int:
         bad = [s for s in args.stages if s not in STAGES]
         if bad:
             raise UsageError(f"unknown stage '{bad[0]}' (stages: {', '.join(STAGES)})")
-    run_quickstart(args.out, scale=args.scale, smoke=args.smoke, only=args.stages)
+    run_quickstart(args.out, scale=args.scale, smoke=args.smoke, only=args.stages, procs=args.procs)
     res_file = __import__("pathlib").Path(args.out) / "results.json"
     if not res_file.exists():  # --stages without the report stage
         print(f"[quickstart] stages done under {args.out} (no report yet: run the 'report' stage)")

@@ -13,6 +13,16 @@ finished stages; a stage that fails says which and why):
   evaluate    shapes-vqa (official metric) both families, shapes-caption, shapes-t2i
   report      DIR/report.md, DIR/report.html, DIR/results.json
 
+With 2 processes (`--procs 2`, the default on a CPU-only machine with >= 2 cores) the run
+uses both cores the way they pay: the Kimi-VL model trains in a child process at 1 thread
+while the main process trains the VQ and stores the codes at 1 thread (the two lanes take
+about the same time), then the Chameleon model trains data-parallel in 2 processes of 1
+thread (`accelerate launch`, gloo, the recipe's global batch split in two). Why: these
+models are small, so a second thread inside one process buys little (measured 2-core host:
+Kimi-VL 1 thread 425 s vs 2 threads 421 s, Chameleon 1.22x), while two 1-thread processes
+run side by side at nearly full speed. `--procs 1` runs every stage in-process, one after
+another, with all threads.
+
 Every stage calls the same public entry points a user would (`mmkit.cli.main([...])`
 with the documented flags, or the documented Python APIs), so the quickstart doubles as
 an integration test of the contracts in docs/design.md.
@@ -25,7 +35,11 @@ import dataclasses
 import html
 import io
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -111,6 +125,61 @@ def recipes_root() -> Path:
     return root
 
 
+def default_procs() -> int:
+    """2 on a CPU-only machine with >= 2 cores (lanes + data-parallel Chameleon), else 1."""
+    import torch
+
+    return 2 if (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available() else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])
+
+
+class _Child:
+    """`mmkit ARGV` in a child process (with `threads` intra-op threads); output to `log`, or
+    to this terminal (progress bars) when log is None."""
+
+    def __init__(self, argv: list, log: Path | None, threads: int, launcher: list[str] | None = None):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-m"] + (launcher or []) + ["mmkit"] + [str(a) for a in argv]
+        self.log, self.cmd, self._f = log, cmd, None
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(log, "w")
+        self.start = time.time()
+        self.proc = subprocess.Popen(cmd, stdout=self._f, stderr=subprocess.STDOUT if self._f else None, env=env)
+
+    def wait(self) -> None:
+        """Block until it ends; a non-zero status becomes an MmkitError (with the log's tail)."""
+        rc = self.proc.wait()
+        self._close()
+        if rc != 0:
+            where = f": {_tail(self.log)} (log: {self.log})" if self.log else " (its output is above)"
+            raise MmkitError(f"`{' '.join(self.cmd[2:])}` exited with status {rc}{where}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._close()
+
+    def _close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
 def _cli(argv: list[str], capture: bool = False) -> str:
     """Run `mmkit ARGV` in-process; a non-zero status becomes an MmkitError."""
     from mmkit.cli import main
@@ -125,12 +194,14 @@ def _cli(argv: list[str], capture: bool = False) -> str:
 
 
 class Quickstart:
-    def __init__(self, out: Path, plan: Plan, log: Callable[[str], None] = print):
+    def __init__(self, out: Path, plan: Plan, log: Callable[[str], None] = print, procs: int | None = None):
         self.out = out
         self.plan = plan
         self.log = log
+        self.procs = default_procs() if procs is None else procs
         self.stage_dir = out / "stages"
         self.root = recipes_root()
+        self._background: _Child | None = None  # the Kimi-VL lane while it runs
 
     # -- paths (docs/design.md "Quickstart directory layout") --
     @property
@@ -156,29 +227,86 @@ class Quickstart:
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         t_all = time.time()
         rerun = False  # once a stage runs again, every later stage must too
-        for i, name in enumerate(STAGES, 1):
-            if only and name not in only:
-                continue
-            prev = self.done(name)
-            if prev is not None and name != "report" and not rerun:
-                self.log(f"[quickstart] {i}/{len(STAGES)} {name}: reused ({prev['seconds']:.1f} s earlier)")
-                continue
-            self.log(f"[quickstart] {i}/{len(STAGES)} {name} ...")
-            rerun = True
-            t0 = time.time()
-            try:
-                results = getattr(self, f"stage_{name}")() or {}
-            except MmkitError as e:
-                self._fail(name, str(e), t0)
-            except Exception as e:  # a stage's bug: say which stage, keep the trace in a file
-                (self.stage_dir / f"{name}.error.txt").write_text(traceback.format_exc())
-                self._fail(name, f"{type(e).__name__}: {e} (trace: {self.stage_dir / (name + '.error.txt')})", t0)
-            rec = {"ok": True, "seconds": round(time.time() - t0, 2), "plan": self.plan.key(), "results": results}
-            self._record(name).write_text(json.dumps(rec, indent=1))
-            self.log(f"[quickstart] {i}/{len(STAGES)} {name}: done in {rec['seconds']:.1f} s")
+        try:
+            for i, name in enumerate(STAGES, 1):
+                if only and name not in only:
+                    continue
+                prev = self.done(name)
+                if prev is not None and name != "report" and not rerun:
+                    self.log(f"[quickstart] {i}/{len(STAGES)} {name}: reused ({prev['seconds']:.1f} s earlier)")
+                    continue
+                rerun = True
+                if name in ("vq", "codes") and self.procs > 1 and (not only or "kimivl" in only):
+                    self._start_kimivl_lane(i)  # no-op if already running
+                if name == "chameleon" or name == "kimivl":
+                    self._join_kimivl_lane()  # Chameleon trains on both cores; kimivl: done already
+                if name == "kimivl" and self._lane_done:
+                    continue
+                self.log(f"[quickstart] {i}/{len(STAGES)} {name} ...")
+                self._run_stage(name, i)
+            self._join_kimivl_lane()
+        finally:
+            if self._background is not None:  # an error or Ctrl-C in the main lane
+                self._background.kill()
+                self._background = None
         results = json.loads((self.out / "results.json").read_text()) if (self.out / "results.json").exists() else {}
         results.setdefault("wall_time_s_this_run", round(time.time() - t_all, 1))
         return results
+
+    _lane_done = False
+
+    def _run_stage(self, name: str, i: int) -> None:
+        t0 = time.time()
+        try:
+            results = getattr(self, f"stage_{name}")() or {}
+        except MmkitError as e:
+            self._fail(name, str(e), t0)
+        except Exception as e:  # a stage's bug: say which stage, keep the trace in a file
+            (self.stage_dir / f"{name}.error.txt").write_text(traceback.format_exc())
+            self._fail(name, f"{type(e).__name__}: {e} (trace: {self.stage_dir / (name + '.error.txt')})", t0)
+        self._save(name, t0, results)
+        self.log(f"[quickstart] {i}/{len(STAGES)} {name}: done in {time.time() - t0:.1f} s")
+
+    def _save(self, name: str, t0: float, results: dict) -> None:
+        t1 = time.time()
+        rec = {"ok": True, "seconds": round(t1 - t0, 2), "start": t0, "end": t1, "plan": self.plan.key(),
+               "results": results}
+        self._record(name).write_text(json.dumps(rec, indent=1))
+
+    # -- the Kimi-VL lane (procs > 1) --
+    def _start_kimivl_lane(self, i: int) -> None:
+        import torch
+
+        if self._background is not None or self._lane_done:
+            return
+        out = self.out / "kimivl"
+        self.log(f"[quickstart] {STAGES.index('kimivl') + 1}/{len(STAGES)} kimivl: training in a second process "
+                 f"beside the VQ lane (log: {out}.log)")
+        argv = self._train_argv("training/kimivl-shapes.yaml", out, self.data / "train", self.plan.kimivl_steps,
+                                self._kimivl_extra()) + ["--no-progress"]
+        threads = max(1, (os.cpu_count() or 2) // self.procs)
+        self._background = _Child(argv, self.out / "kimivl.log", threads)
+        self._main_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - threads))
+
+    def _join_kimivl_lane(self) -> None:
+        import torch
+
+        child, self._background = self._background, None
+        if child is None:
+            return
+        if child.proc.poll() is None:
+            self.log("[quickstart] waiting for the kimivl lane ...")
+        try:
+            child.wait()
+        except MmkitError as e:
+            self._fail("kimivl", str(e), child.start)
+        finally:
+            torch.set_num_threads(self._main_threads)
+        self._save("kimivl", child.start, self._train_summary(self.out / "kimivl"))
+        self._lane_done = True
+        self.log(f"[quickstart] {STAGES.index('kimivl') + 1}/{len(STAGES)} kimivl: done in "
+                 f"{time.time() - child.start:.1f} s (second process)")
 
     def _fail(self, name: str, why: str, t0: float):
         rec = {"ok": False, "seconds": round(time.time() - t0, 2), "plan": self.plan.key(), "error": why}
@@ -198,19 +326,43 @@ class Quickstart:
         _cli(["tokenizer", "train-text", "--data", self.data / "train", "--out", self.out / "text_tokenizer"])
         return {}
 
-    def _train(self, recipe: str, out: Path, data: Path, steps: int, extra: list[str]) -> dict:
+    def _train_argv(self, recipe: str, out: Path, data: Path, steps: int, extra: list[str]) -> list:
         argv = ["train", "--config", self.root / recipe, "--out", out, "--data", data] + extra
         if steps:
             argv += ["--max-steps", steps]
         if out.exists() and not (out / "final").exists():
             shutil.rmtree(out)  # an unfinished earlier attempt with another plan
-        _cli(argv)
+        return argv
+
+    @staticmethod
+    def _train_summary(out: Path) -> dict:
         metrics = out / "metrics.jsonl"
         logs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
             if metrics.exists() else []
         losses = [r["loss"] for r in logs if "loss" in r]
         return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                 "steps": max((r.get("step", 0) for r in logs), default=0)}  # optimizer steps, not log lines
+
+    def _train(self, recipe: str, out: Path, data: Path, steps: int, extra: list[str]) -> dict:
+        _cli(self._train_argv(recipe, out, data, steps, extra))
+        return self._train_summary(out)
+
+    def _train_data_parallel(self, recipe: str, out: Path, data: Path, steps: int, extra: list[str]) -> dict:
+        """`accelerate launch` with self.procs gloo processes (training/accelerate/cpu-2proc.yaml),
+        each with cores / procs threads and recipe batch / procs documents: the same global batch."""
+        from mmkit.config import apply_overrides, read_yaml
+
+        raw = read_yaml(self.root / recipe)
+        apply_overrides(raw, list(extra))
+        batch = int(raw["train"]["batch_size"])
+        if batch % self.procs:
+            return self._train(recipe, out, data, steps, extra)  # cannot split the batch evenly
+        argv = self._train_argv(recipe, out, data, steps, extra + [f"train.batch_size={batch // self.procs}"])
+        launcher = ["accelerate.commands.launch", "--config_file", str(self.root / "training/accelerate/cpu-2proc.yaml"),
+                    "--num_processes", str(self.procs), "--main_process_port", str(_free_port()), "-m"]
+        self.log(f"[quickstart] {out.name}: {self.procs} data-parallel processes")
+        _Child(argv, None, max(1, (os.cpu_count() or 2) // self.procs), launcher=launcher).wait()
+        return self._train_summary(out)
 
     def stage_vq(self) -> dict:
         res = self._train("tokenizers/vq-shapes.yaml", self.out / "vq", self.data / "train", self.plan.vq_steps,
@@ -229,15 +381,18 @@ class Quickstart:
         return {}
 
     def stage_chameleon(self) -> dict:
-        return self._train("training/chameleon-shapes.yaml", self.out / "chameleon", self.data / "train_codes",
+        train = self._train_data_parallel if self.procs > 1 else self._train
+        return train("training/chameleon-shapes.yaml", self.out / "chameleon", self.data / "train_codes",
                            self.plan.chameleon_steps,
                            [f"model.text_tokenizer={self.out / 'text_tokenizer'}", f"model.vq={self.final('vq')}"]
                            + list(self.plan.chameleon_overrides))
 
+    def _kimivl_extra(self) -> list[str]:
+        return [f"model.text_tokenizer={self.out / 'text_tokenizer'}"] + list(self.plan.kimivl_overrides)
+
     def stage_kimivl(self) -> dict:
         return self._train("training/kimivl-shapes.yaml", self.out / "kimivl", self.data / "train",
-                           self.plan.kimivl_steps, [f"model.text_tokenizer={self.out / 'text_tokenizer'}"]
-                           + list(self.plan.kimivl_overrides))
+                           self.plan.kimivl_steps, self._kimivl_extra())
 
     def stage_generate(self) -> dict:
         from mmkit.quickstart.samples import generate_samples
@@ -271,10 +426,12 @@ class Quickstart:
 
 
 def run_quickstart(out: str | Path, scale: float = 1.0, smoke: bool = False, only: list[str] | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, procs: int | None = None) -> dict:
     if scale <= 0:
         raise UsageError("--scale must be positive")
-    qs = Quickstart(Path(out), Plan.make(scale, smoke), log=log)
+    if procs is not None and procs < 1:
+        raise UsageError("--procs must be >= 1")
+    qs = Quickstart(Path(out), Plan.make(scale, smoke), log=log, procs=procs)
     return qs.run(only=only)
 
 

@@ -38,7 +38,8 @@ def collect(qs) -> dict:
     recs = stage_results(qs)
     res: dict[str, Any] = {"smoke": qs.plan.smoke, "plan": qs.plan.key()}
     res["stages"] = {n: recs[n]["seconds"] for n in STAGES if n in recs and n != "report"}
-    res["wall_time_s"] = round(sum(res["stages"].values()), 1)
+    res["wall_time_s"] = round(_covered([(recs[n].get("start"), recs[n].get("end"), recs[n]["seconds"])
+                                         for n in res["stages"]]), 1)
     r = {n: recs[n].get("results", {}) for n in recs}
     res["vq"] = {k: r.get("vq", {}).get(k) for k in ("psnr", "ssim", "codebook_usage", "perplexity")}
     ev = r.get("evaluate", {})
@@ -50,6 +51,29 @@ def collect(qs) -> dict:
     res["training"] = {fam: r.get(fam) for fam in ("vq", "chameleon", "kimivl")}
     res["samples"] = r.get("generate", {}).get("files", {})
     return res
+
+
+def _covered(spans: list[tuple[float | None, float | None, float]]) -> float:
+    """Seconds covered by the stages' (start, end) intervals: stages that ran side by side
+    (the Kimi-VL lane) count once, gaps between re-runs not at all. Records without times
+    (older runs) add their own seconds."""
+    total, timed = 0.0, []
+    for start, end, seconds in spans:
+        if start is None or end is None:
+            total += seconds
+        else:
+            timed.append((start, end))
+    cur_start = cur_end = None
+    for start, end in sorted(timed):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
 
 
 def _fmt(v: Any) -> str:
