@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 from mmkit.models.chameleon.config import MmkitChameleonConfig
 from mmkit.nn import RMSNorm, StaticKVCache, SwiGLU, rope_cos_sin
 from mmkit.nn.attention import attention
-from mmkit.nn.loss import fused_cross_entropy, fused_linear_cross_entropy
+from mmkit.nn.loss import fused_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -430,8 +430,7 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         loss_weights: torch.Tensor | None = None,  # (B, T) weight of predicting labels[t]
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,  # >0: only the last positions' logits (decode)
-        return_logits: bool = True,  # False: no (B, T, V) logits (the sampler applies a row slice to
-                                     # hidden_states; with labels the loss is computed chunk by chunk)
+        return_logits: bool = True,  # False: skip lm_head (the sampler applies a row slice to hidden_states)
         return_dict: bool | None = None,
         **kwargs,  # output_attentions etc. from PEFT/transformers callers: ignored
     ) -> ChameleonOutput:
@@ -470,30 +469,13 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if not return_logits:
-            if labels is None:
-                return ChameleonOutput(hidden_states=h)
-            target, w = self._shift(labels, loss_weights)
-            loss, ce, z = fused_linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, target, w,
-                                                     self.config.z_loss or 0.0)
-            return ChameleonOutput(loss=loss, ce_loss=ce.detach(), z_loss=z.detach(), hidden_states=h)
+            return ChameleonOutput(hidden_states=h)
         logits = self.lm_head(h)  # (B, T, V): image codes included, nothing masked
 
         loss = ce = z = None
         if labels is not None:
             loss, ce, z = self.loss_from_logits(logits, labels, loss_weights)
         return ChameleonOutput(loss=loss, logits=logits, ce_loss=ce, z_loss=z, hidden_states=h)
-
-    @staticmethod
-    def _shift(labels: torch.Tensor, loss_weights: torch.Tensor | None):
-        """(B, T) labels / weights aligned with the inputs -> flat (N,) next-token targets / weights."""
-        target = torch.full_like(labels, IGNORE_INDEX)
-        target[:, :-1] = labels[:, 1:]
-        w = None
-        if loss_weights is not None:
-            w = torch.zeros_like(loss_weights, dtype=torch.float32)
-            w[:, :-1] = loss_weights[:, 1:]
-            w = w.flatten()
-        return target.flatten(), w
 
     def loss_from_logits(self, logits, labels, loss_weights=None):
         """Next-token CE (+ z-loss) over labels != -100; per-token weights optional.
@@ -502,8 +484,15 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         logsumexp in fp32. Normalised by the number of supervised tokens, so weights < 1
         down-weight a modality without changing the scale of the others.
         """
-        target, w = self._shift(labels, loss_weights)
+        target = torch.full_like(labels, IGNORE_INDEX)
+        target[:, :-1] = labels[:, 1:]
+        target = target.flatten()  # (N,)
         n = max(int((target != IGNORE_INDEX).sum()), 1)
+        w = None
+        if loss_weights is not None:
+            w = torch.zeros_like(loss_weights, dtype=torch.float32)
+            w[:, :-1] = loss_weights[:, 1:]
+            w = w.flatten()
         ce_sum, z_sum = fused_cross_entropy(logits.flatten(0, 1), target, w)  # skips unsupervised rows
         ce, z = ce_sum / n, z_sum / n
         loss = ce + self.config.z_loss * z if self.config.z_loss else ce
