@@ -13,15 +13,15 @@ finished stages; a stage that fails says which and why):
   evaluate    shapes-vqa (official metric) both families, shapes-caption, shapes-t2i
   report      DIR/report.md, DIR/report.html, DIR/results.json
 
-With 2 processes (`--procs 2`, the default on a CPU-only machine with >= 2 cores) the run
-uses both cores the way they pay: the Kimi-VL model trains in a child process at 1 thread
-while the main process trains the VQ and stores the codes at 1 thread (the two lanes take
-about the same time), then the Chameleon model trains data-parallel in 2 processes of 1
-thread (`accelerate launch`, gloo, the recipe's global batch split in two). Why: these
-models are small, so a second thread inside one process buys little (measured 2-core host:
-Kimi-VL 1 thread 425 s vs 2 threads 421 s, Chameleon 1.22x), while two 1-thread processes
-run side by side at nearly full speed. `--procs 1` runs every stage in-process, one after
-another, with all threads.
+With 2 processes (`--procs 2`, the default on a CPU-only machine with >= 2 cores) the
+Kimi-VL model trains in a child process with half the cores while the main process trains the
+VQ and stores the codes with the other half (the two lanes take about the same time); the
+Chameleon model then trains in-process on all cores. Why: these models are small, so a second
+thread inside one process buys little (measured on a 2-core host: Kimi-VL 1 thread 425 s vs 2
+threads 421 s, VQ 1.4x, Chameleon 1.22x), while two 1-thread processes run side by side at
+nearly full speed. (Data-parallel Chameleon training in 2 gloo processes was measured too: no
+faster than 2 threads, 0.17 s per 16-document step, the gradient all-reduce costing what the
+second core gains.) `--procs 1` runs every stage in-process, one after another.
 
 Every stage calls the same public entry points a user would (`mmkit.cli.main([...])`
 with the documented flags, or the documented Python APIs), so the quickstart doubles as
@@ -37,7 +37,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -126,16 +125,10 @@ def recipes_root() -> Path:
 
 
 def default_procs() -> int:
-    """2 on a CPU-only machine with >= 2 cores (lanes + data-parallel Chameleon), else 1."""
+    """2 on a CPU-only machine with >= 2 cores (the Kimi-VL lane beside the VQ lane), else 1."""
     import torch
 
     return 2 if (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available() else 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, n: int = 5) -> str:
@@ -144,26 +137,24 @@ def _tail(path: Path, n: int = 5) -> str:
 
 
 class _Child:
-    """`mmkit ARGV` in a child process (with `threads` intra-op threads); output to `log`, or
-    to this terminal (progress bars) when log is None."""
+    """`mmkit ARGV` in a child process with `threads` intra-op threads, output to `log`."""
 
-    def __init__(self, argv: list, log: Path | None, threads: int, launcher: list[str] | None = None):
+    def __init__(self, argv: list, log: Path, threads: int):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        cmd = [sys.executable, "-m"] + (launcher or []) + ["mmkit"] + [str(a) for a in argv]
-        self.log, self.cmd, self._f = log, cmd, None
-        if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(log, "w")
+        self.cmd = [sys.executable, "-m", "mmkit"] + [str(a) for a in argv]
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(log, "w")
         self.start = time.time()
-        self.proc = subprocess.Popen(cmd, stdout=self._f, stderr=subprocess.STDOUT if self._f else None, env=env)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._f, stderr=subprocess.STDOUT, env=env)
 
     def wait(self) -> None:
-        """Block until it ends; a non-zero status becomes an MmkitError (with the log's tail)."""
+        """Block until it ends; a non-zero status becomes an MmkitError with the log's tail."""
         rc = self.proc.wait()
-        self._close()
+        self._f.close()
         if rc != 0:
-            where = f": {_tail(self.log)} (log: {self.log})" if self.log else " (its output is above)"
-            raise MmkitError(f"`{' '.join(self.cmd[2:])}` exited with status {rc}{where}")
+            raise MmkitError(f"`mmkit {' '.join(self.cmd[3:])}` exited with status {rc}: {_tail(self.log)} "
+                             f"(log: {self.log})")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -172,12 +163,7 @@ class _Child:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        self._close()
-
-    def _close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        self._f.close()
 
 
 def _cli(argv: list[str], capture: bool = False) -> str:
@@ -238,8 +224,9 @@ class Quickstart:
                 rerun = True
                 if name in ("vq", "codes") and self.procs > 1 and (not only or "kimivl" in only):
                     self._start_kimivl_lane(i)  # no-op if already running
-                if name == "chameleon" or name == "kimivl":
-                    self._join_kimivl_lane()  # Chameleon trains on both cores; kimivl: done already
+                lane = self._background
+                if name in ("chameleon", "kimivl") or (lane is not None and lane.proc.poll() is not None):
+                    self._join_kimivl_lane()  # the main lane gets every core back (Chameleon waits for it)
                 if name == "kimivl" and self._lane_done:
                     continue
                 self.log(f"[quickstart] {i}/{len(STAGES)} {name} ...")
@@ -347,23 +334,6 @@ class Quickstart:
         _cli(self._train_argv(recipe, out, data, steps, extra))
         return self._train_summary(out)
 
-    def _train_data_parallel(self, recipe: str, out: Path, data: Path, steps: int, extra: list[str]) -> dict:
-        """`accelerate launch` with self.procs gloo processes (training/accelerate/cpu-2proc.yaml),
-        each with cores / procs threads and recipe batch / procs documents: the same global batch."""
-        from mmkit.config import apply_overrides, read_yaml
-
-        raw = read_yaml(self.root / recipe)
-        apply_overrides(raw, list(extra))
-        batch = int(raw["train"]["batch_size"])
-        if batch % self.procs:
-            return self._train(recipe, out, data, steps, extra)  # cannot split the batch evenly
-        argv = self._train_argv(recipe, out, data, steps, extra + [f"train.batch_size={batch // self.procs}"])
-        launcher = ["accelerate.commands.launch", "--config_file", str(self.root / "training/accelerate/cpu-2proc.yaml"),
-                    "--num_processes", str(self.procs), "--main_process_port", str(_free_port()), "-m"]
-        self.log(f"[quickstart] {out.name}: {self.procs} data-parallel processes")
-        _Child(argv, None, max(1, (os.cpu_count() or 2) // self.procs), launcher=launcher).wait()
-        return self._train_summary(out)
-
     def stage_vq(self) -> dict:
         res = self._train("tokenizers/vq-shapes.yaml", self.out / "vq", self.data / "train", self.plan.vq_steps,
                           list(self.plan.vq_overrides))
@@ -381,8 +351,7 @@ class Quickstart:
         return {}
 
     def stage_chameleon(self) -> dict:
-        train = self._train_data_parallel if self.procs > 1 else self._train
-        return train("training/chameleon-shapes.yaml", self.out / "chameleon", self.data / "train_codes",
+        return self._train("training/chameleon-shapes.yaml", self.out / "chameleon", self.data / "train_codes",
                            self.plan.chameleon_steps,
                            [f"model.text_tokenizer={self.out / 'text_tokenizer'}", f"model.vq={self.final('vq')}"]
                            + list(self.plan.chameleon_overrides))
