@@ -188,6 +188,7 @@ class Quickstart:
         self.stage_dir = out / "stages"
         self.root = recipes_root()
         self._background: _Child | None = None  # the Kimi-VL lane while it runs
+        self._lane_done = False  # the lane trained kimivl in this run
 
     # -- paths (docs/design.md "Quickstart directory layout") --
     @property
@@ -223,7 +224,7 @@ class Quickstart:
                     continue
                 rerun = True
                 if name in ("vq", "codes") and self.procs > 1 and (not only or "kimivl" in only):
-                    self._start_kimivl_lane(i)  # no-op if already running
+                    self._start_kimivl_lane()  # no-op if already running
                 lane = self._background
                 if name in ("chameleon", "kimivl") or (lane is not None and lane.proc.poll() is not None):
                     self._join_kimivl_lane()  # the main lane gets every core back (Chameleon waits for it)
@@ -240,8 +241,6 @@ class Quickstart:
         results.setdefault("wall_time_s_this_run", round(time.time() - t_all, 1))
         return results
 
-    _lane_done = False
-
     def _run_stage(self, name: str, i: int) -> None:
         t0 = time.time()
         try:
@@ -254,14 +253,14 @@ class Quickstart:
         self._save(name, t0, results)
         self.log(f"[quickstart] {i}/{len(STAGES)} {name}: done in {time.time() - t0:.1f} s")
 
-    def _save(self, name: str, t0: float, results: dict) -> None:
-        t1 = time.time()
+    def _save(self, name: str, t0: float, results: dict, t1: float | None = None) -> None:
+        t1 = time.time() if t1 is None else t1
         rec = {"ok": True, "seconds": round(t1 - t0, 2), "start": t0, "end": t1, "plan": self.plan.key(),
                "results": results}
         self._record(name).write_text(json.dumps(rec, indent=1))
 
     # -- the Kimi-VL lane (procs > 1) --
-    def _start_kimivl_lane(self, i: int) -> None:
+    def _start_kimivl_lane(self) -> None:
         import torch
 
         if self._background is not None or self._lane_done:
@@ -290,10 +289,12 @@ class Quickstart:
             self._fail("kimivl", str(e), child.start)
         finally:
             torch.set_num_threads(self._main_threads)
-        self._save("kimivl", child.start, self._train_summary(self.out / "kimivl"))
+        # the child's last write to its log marks its end (it may be joined a stage later)
+        end = max(child.start, min(time.time(), child.log.stat().st_mtime))
+        self._save("kimivl", child.start, self._train_summary(self.out / "kimivl"), end)
         self._lane_done = True
         self.log(f"[quickstart] {STAGES.index('kimivl') + 1}/{len(STAGES)} kimivl: done in "
-                 f"{time.time() - child.start:.1f} s (second process)")
+                 f"{end - child.start:.1f} s (second process)")
 
     def _fail(self, name: str, why: str, t0: float):
         rec = {"ok": False, "seconds": round(time.time() - t0, 2), "plan": self.plan.key(), "error": why}
