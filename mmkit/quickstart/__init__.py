@@ -270,10 +270,11 @@ class Quickstart:
                  f"beside the VQ lane (log: {out}.log)")
         argv = self._train_argv("training/kimivl-shapes.yaml", out, self.data / "train", self.plan.kimivl_steps,
                                 self._kimivl_extra()) + ["--no-progress"]
-        threads = max(1, (os.cpu_count() or 2) // self.procs)
+        cores = os.cpu_count() or 2
+        threads = max(1, cores // self.procs)  # the lane's share; the main lane keeps the rest
         self._background = _Child(argv, self.out / "kimivl.log", threads)
         self._main_threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - threads))
+        torch.set_num_threads(max(1, cores - threads))
 
     def _join_kimivl_lane(self) -> None:
         import torch

@@ -57,22 +57,11 @@ def _covered(spans: list[tuple[float | None, float | None, float]]) -> float:
     """Seconds covered by the stages' (start, end) intervals: stages that ran side by side
     (the Kimi-VL lane) count once, gaps between re-runs not at all. Records without times
     (older runs) add their own seconds."""
-    total, timed = 0.0, []
-    for start, end, seconds in spans:
-        if start is None or end is None:
-            total += seconds
-        else:
-            timed.append((start, end))
-    cur_start = cur_end = None
-    for start, end in sorted(timed):
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    if cur_end is not None:
-        total += cur_end - cur_start
+    total = sum(seconds for start, end, seconds in spans if start is None or end is None)
+    reached = float("-inf")  # the latest end so far; each interval adds only what lies beyond it
+    for start, end in sorted((s, e) for s, e, _ in spans if s is not None and e is not None):
+        total += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
     return total
 
 
