@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmkit.models.kimivl.moe import MoE, GroupedExperts, TopKRouter, grouped_mm_supported
+from mmkit.models.kimivl import moe
+from mmkit.models.kimivl.moe import MoE, GroupedExperts, TopKRouter, expert_layout, grouped_mm_supported
 
 E, D, I, N, K = 6, 16, 8, 40, 2
 
@@ -33,8 +34,10 @@ def _run(ex, x, idx, w, impl, backward="weighted"):
     return [out.detach()] + [t.grad.clone() for t in (x, w, ex.gate_up_proj, ex.down_proj)]
 
 
+@pytest.mark.parametrize("block", [1, 4, 64])
 @pytest.mark.parametrize("backward", ["weighted", "sum"])
-def test_grouped_and_loop_equal_reference_outputs_and_grads(backward):
+def test_grouped_and_loop_equal_reference_outputs_and_grads(backward, block, monkeypatch):
+    monkeypatch.setattr(moe, "CPU_GROUP_BLOCK", block)  # groups padded to multiples of block rows
     ex, x, idx, w = _experts_and_routing()
     ref = _run(ex, x, idx, w, "reference", backward)
     impls = ["loop"] + (["grouped_mm"] if grouped_mm_supported(x.device, x.dtype, D, I) else [])
@@ -43,6 +46,45 @@ def test_grouped_and_loop_equal_reference_outputs_and_grads(backward):
         for name, a, b in zip(["out", "dx", "dw", "dgate_up", "ddown"], got, ref):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{impl} {name}")
     assert ref[3][E - 1].abs().sum() == 0  # the unused expert gets a zero gradient
+
+
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_expert_layout_pads_groups_and_inverts(block):
+    n, k, e = 23, 2, 5
+    flat = torch.randint(0, e - 1, (n * k,))  # the last expert gets nothing
+    src, inv, order, counts = expert_layout(flat, e, k, block)
+    assert counts.sum() == src.numel() == order.numel() and (counts % block == 0).all()
+    assert counts[e - 1] == 0
+    real = order < n * k
+    assert int(real.sum()) == n * k  # every pair has exactly one row
+    assert torch.equal(order[inv], torch.arange(n * k))  # inv is order's inverse on the pairs
+    assert torch.equal(src[inv], torch.arange(n * k) // k)  # each pair's row reads its token
+    assert (src[~real] == n).all()  # padding rows read the zero row
+    ends = counts.cumsum(0)
+    row_expert = torch.searchsorted(ends, torch.arange(src.numel()), right=True)  # (P,) group of each row
+    assert torch.equal(row_expert[inv], flat)  # each pair sits in its expert's group
+    groups = [order[a:b] for a, b in zip((ends - counts).tolist(), ends.tolist())]
+    for g in groups:  # within a group: pairs first, in their original order, then padding
+        pairs = g[g < n * k]
+        assert torch.equal(g[:pairs.numel()], pairs) and torch.equal(pairs, pairs.sort().values)
+
+
+@pytest.mark.skipif(not grouped_mm_supported(torch.device("cpu"), torch.bfloat16, D, I), reason="no grouped_mm")
+def test_cpu_expert_groups_are_multiples_of_the_block(monkeypatch):
+    """oneDNN compiles a GEMM per row count: CPU groups come in multiples of CPU_GROUP_BLOCK rows."""
+    seen = []
+    real = moe._grouped_mm
+
+    def spy(x, w, offs):
+        seen.append(torch.diff(offs, prepend=offs.new_zeros(1)))
+        return real(x, w, offs)
+
+    monkeypatch.setattr(moe, "_grouped_mm", spy)
+    ex, x, idx, w = _experts_and_routing()
+    ex.impl = "grouped_mm"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ex(x, idx, w).float().sum().backward()
+    assert seen and all((s % moe.CPU_GROUP_BLOCK == 0).all() for s in seen)
 
 
 @pytest.mark.skipif(not grouped_mm_supported(torch.device("cpu"), torch.bfloat16, D, I), reason="no grouped_mm")

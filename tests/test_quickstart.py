@@ -34,6 +34,7 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     assert "<img" in html and "shapes-VQA" in html
     from mmkit.quickstart import default_procs
 
+    assert "mmkit train: done" in (out / "chameleon.log").read_text()  # trained in its own process
     recs = {n: json.loads((out / "stages" / f"{n}.json").read_text()) for n in res["stages"]}
     if default_procs() == 2:  # the CI machine: Kimi-VL trained in a second process beside the VQ lane
         assert (out / "kimivl.log").is_file()

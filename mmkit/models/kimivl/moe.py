@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+CPU_GROUP_BLOCK = 64  # rows: CPU expert groups are padded to multiples of this (`expert_layout`)
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -74,18 +75,27 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-class _DispatchRows(torch.autograd.Function):
-    """x (N, D) -> x[order // K] (S, D): each token copied to its K expert slots, sorted by expert.
+def _gather_rows(x: torch.Tensor, src: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """x (N, D) -> x[src] (P, D); index N (padding rows, only when P > n_pairs) reads zeros."""
+    if src.numel() > n_pairs:
+        x = torch.cat([x, x.new_zeros(1, x.shape[-1])])
+    return x.index_select(0, src)
 
-    Hand-written backward: the gradient is un-sorted with the inverse permutation and summed over
-    the K slots (a gather + a reshape-sum) instead of autograd's index_put with accumulation.
+
+class _DispatchRows(torch.autograd.Function):
+    """x (N, D) -> x[src] (P, D): each token copied to its K expert slots, sorted by expert.
+
+    `src` (P,) is the token of each row (N = a zero row: the padding of a CPU expert group) and
+    `inv` (N*K,) the row of each (token, slot). Hand-written backward: the gradient is gathered
+    back with `inv` and summed over the K slots (a gather + a reshape-sum) instead of autograd's
+    index_put with accumulation.
     """
 
     @staticmethod
-    def forward(ctx, x, order, inv, k):
+    def forward(ctx, x, src, inv, k):
         ctx.save_for_backward(inv)
         ctx.k = k
-        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+        return _gather_rows(x, src, inv.numel())
 
     @staticmethod
     def backward(ctx, g):
@@ -94,21 +104,50 @@ class _DispatchRows(torch.autograd.Function):
 
 
 class _CombineRows(torch.autograd.Function):
-    """y (S, D) sorted by expert -> (N, D): un-sort and sum each token's K slots.
+    """y (P, D) sorted by expert -> (N, D): sum each token's K slots (padding rows are dropped).
 
     The exact transpose of `_DispatchRows`, so each one's backward is the other's forward.
     """
 
     @staticmethod
-    def forward(ctx, y, order, inv, k):
-        ctx.save_for_backward(order)
+    def forward(ctx, y, src, inv, k):
+        ctx.save_for_backward(src, inv)
         ctx.k = k
         return y.index_select(0, inv).view(-1, k, y.shape[-1]).sum(1)
 
     @staticmethod
     def backward(ctx, g):
-        (order,) = ctx.saved_tensors
-        return g.contiguous().index_select(0, torch.div(order, ctx.k, rounding_mode="floor")), None, None, None
+        src, inv = ctx.saved_tensors
+        return _gather_rows(g.contiguous(), src, inv.numel()), None, None, None
+
+
+def expert_layout(flat: torch.Tensor, num_experts: int, k: int, block: int = 1):
+    """Where each (token, slot) pair goes in the expert-sorted batch.
+
+    flat (S,) expert of each pair (S = N*K) -> src (P,) token of each row (N for a padding row),
+    inv (S,) row of each pair, order (P,) pair of each row (S for padding), counts (E,) rows per
+    expert. `block` > 1 rounds every expert's group up to a multiple of `block` with zero rows.
+
+    Why pad on CPU: oneDNN JIT-compiles a GEMM for every new row count, about 1 ms each, and
+    dropless routing gives every expert a new count every step; that compile was 40 of the
+    ~170 ms of a quickstart Kimi-VL step and grew as the balancing spread the tokens. Groups
+    in multiples of 64 rows repeat, so the compiled kernels are reused (docs/kimivl.md).
+    """
+    s = flat.numel()
+    order = torch.argsort(flat, stable=True)  # (S,) pairs sorted by expert
+    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
+    pos = torch.arange(s, device=flat.device)  # (S,) row of each sorted pair
+    if block > 1:
+        padded = (counts + block - 1) // block * block
+        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # (E,) padding before each group
+        pos = pos + shift[flat[order]]
+        counts = padded
+        rows = torch.full((int(padded.sum()),), s, dtype=order.dtype, device=flat.device)
+        order = rows.index_copy_(0, pos, order)  # (P,) pair of each row, S for padding
+    inv = torch.empty(s, dtype=pos.dtype, device=flat.device)
+    inv[order[pos]] = pos
+    src = torch.where(order < s, torch.div(order, k, rounding_mode="floor"), s // k)
+    return src, inv, order, counts
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -200,27 +239,27 @@ class GroupedExperts(nn.Module):
     def forward_sorted(self, x, topk_idx, topk_weight, use_grouped_mm: bool = True) -> torch.Tensor:
         n, k = topk_idx.shape
         dtype = _compute_dtype(x)
-        flat = topk_idx.reshape(-1)  # (S,) S = N*K
-        order = torch.argsort(flat, stable=True)  # (S,) slots sorted by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel(), device=order.device)
-        xs = _DispatchRows.apply(x.to(dtype), order, inv, k)  # (S, D) gathered inputs, grouped by expert
+        block = CPU_GROUP_BLOCK if x.device.type == "cpu" else 1
+        src, inv, order, counts = expert_layout(topk_idx.reshape(-1), self.num_experts, k, block)
+        xs = _DispatchRows.apply(x.to(dtype), src, inv, k)  # (P, D) gathered inputs, grouped by expert
         w13 = self.gate_up_proj.to(dtype).transpose(1, 2)  # (E, D, 2I) view
         w2 = self.down_proj.to(dtype).transpose(1, 2)  # (E, I, D) view
         if use_grouped_mm:
             offs = counts.cumsum(0).to(torch.int32)
-            h = _ContiguousGrad.apply(_grouped_mm(xs, w13, offs))  # (S, 2I)
+            h = _ContiguousGrad.apply(_grouped_mm(xs, w13, offs))  # (P, 2I)
             gate, up = h.chunk(2, dim=-1)
-            ys = _ContiguousGrad.apply(_grouped_mm(F.silu(gate) * up, w2, offs))  # (S, D)
+            ys = _ContiguousGrad.apply(_grouped_mm(F.silu(gate) * up, w2, offs))  # (P, D)
         else:
             outs = []
             for xe, w13e, w2e in zip(xs.split(counts.tolist()), w13.unbind(0), w2.unbind(0)):
                 gate, up = (xe @ w13e).chunk(2, dim=-1)
                 outs.append((F.silu(gate) * up) @ w2e)
-            ys = torch.cat(outs)  # (S, D)
-        ws = topk_weight.reshape(-1)[order].to(ys.dtype)  # (S,) combine weights in sorted order
-        return _CombineRows.apply(ys * ws[:, None], order, inv, k)  # (N, D)
+            ys = torch.cat(outs)  # (P, D)
+        flat_w = topk_weight.reshape(-1)
+        if order.numel() > flat_w.numel():
+            flat_w = torch.cat([flat_w, flat_w.new_zeros(1)])  # padding rows: weight 0
+        ws = flat_w[order].to(ys.dtype)  # (P,) combine weights in sorted order
+        return _CombineRows.apply(ys * ws[:, None], src, inv, k)  # (N, D)
 
     def forward_reference(self, x, topk_idx, topk_weight) -> torch.Tensor:
         """Plain loop over experts (tests only): mask, gather, SwiGLU, weighted index_add."""
