@@ -79,3 +79,29 @@ def test_quickstart_background_lane_failure_names_the_stage(tmp_path):
     rec = json.loads((out / "stages" / "kimivl.json").read_text())
     assert rec["ok"] is False and "no_such_key" in rec["error"]
     assert qs._background is None  # nothing left running
+
+
+def test_main_lane_gets_its_threads_back_when_the_lane_ends():
+    """The threads come back mid-stage, in the main thread, as soon as the lane's process exits."""
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from mmkit.quickstart import _CoresBackOnExit
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    back = _CoresBackOnExit(proc, 3)
+    try:
+        assert torch.get_num_threads() == 1  # not before the process ends
+        deadline = time.time() + 30
+        while torch.get_num_threads() != 3 and time.time() < deadline:
+            torch.ones(4).sum()  # the main thread keeps working, as a training loop does
+            time.sleep(0.01)
+        assert proc.poll() is not None and torch.get_num_threads() == 3
+    finally:
+        back.close()
+        torch.set_num_threads(before)

@@ -15,13 +15,13 @@ finished stages; a stage that fails says which and why):
 
 With 2 processes (`--procs 2`, the default on a CPU-only machine with >= 2 cores) the
 Kimi-VL model trains in a child process with half the cores while the main process trains the
-VQ and stores the codes with the other half (the two lanes take about the same time); the
-Chameleon model then trains in-process on all cores. Why: these models are small, so a second
-thread inside one process buys little (measured on a 2-core host: Kimi-VL 1 thread 425 s vs 2
-threads 421 s, VQ 1.4x, Chameleon 1.22x), while two 1-thread processes run side by side at
-nearly full speed. (Data-parallel Chameleon training in 2 gloo processes was measured too: no
-faster than 2 threads, 0.17 s per 16-document step, the gradient all-reduce costing what the
-second core gains.) `--procs 1` runs every stage in-process, one after another.
+VQ with the other half; the moment the child ends the main process takes every core back,
+mid-stage (`_CoresBackOnExit`). The Chameleon model then trains in a fresh process on all cores
+(in this process, after the codes stage, its steps ran ~10 % slower). Why lanes: these models
+are small, so a second thread inside one process gives 1.4x at best (VQ, Chameleon on a 2-core
+host), while two 1-thread processes run side by side at full speed. (Data-parallel Chameleon training in 2 gloo processes was measured too: no faster than
+2 threads, the gradient all-reduce costing what the second core gains.) `--procs 1` runs
+every stage but the Chameleon training in this process, one after another.
 
 Every stage calls the same public entry points a user would (`mmkit.cli.main([...])`
 with the documented flags, or the documented Python APIs), so the quickstart doubles as
@@ -190,6 +190,44 @@ class _Child:
         self._close()
 
 
+class _CoresBackOnExit:
+    """Give the main process its intra-op threads back the moment `proc` ends, mid-stage.
+
+    The Kimi-VL lane ends well before the VQ stage it runs beside (~200 vs ~400 s on a 2-core
+    host); waiting for the next stage boundary left a core idle meanwhile. OpenMP's thread count
+    belongs to the calling thread, so a watcher thread cannot set it for the main thread; it raises
+    SIGUSR1 there instead (`_thread.interrupt_main`), and Python runs the handler in the main
+    thread between two bytecodes, i.e. between two torch ops. Off the main thread or without
+    SIGUSR1 (Windows) this does nothing and the threads come back at the next stage, as before.
+    """
+
+    def __init__(self, proc: subprocess.Popen, threads: int):
+        import _thread
+        import signal
+
+        import torch
+
+        self._active = False
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+            return
+        self._old = signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(threads))
+        self._active = True
+
+        def watch():
+            proc.wait()
+            if self._active:
+                _thread.interrupt_main(signal.SIGUSR1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    def close(self) -> None:
+        import signal
+
+        if self._active:
+            self._active = False
+            signal.signal(signal.SIGUSR1, self._old)
+
+
 def _cli(argv: list[str], capture: bool = False) -> str:
     """Run `mmkit ARGV` in-process; a non-zero status becomes an MmkitError."""
     from mmkit.cli import main
@@ -259,6 +297,7 @@ class Quickstart:
             self._join_kimivl_lane()
         finally:
             if self._background is not None:  # an error or Ctrl-C in the main lane
+                self._cores_back.close()
                 self._background.kill()
                 self._background = None
         results = json.loads((self.out / "results.json").read_text()) if (self.out / "results.json").exists() else {}
@@ -299,6 +338,8 @@ class Quickstart:
         self._background = _Child(argv, self.out / "kimivl.log", threads)
         self._main_threads = torch.get_num_threads()
         torch.set_num_threads(max(1, cores - threads))
+        self._cores_back = _CoresBackOnExit(self._background.proc, self._main_threads)
+
 
     def _join_kimivl_lane(self) -> None:
         import torch
@@ -306,6 +347,7 @@ class Quickstart:
         child, self._background = self._background, None
         if child is None:
             return
+        self._cores_back.close()
         if child.proc.poll() is None:
             self.log("[quickstart] waiting for the kimivl lane ...")
         try:
