@@ -19,9 +19,10 @@ VQ with the other half; the moment the child ends the main process takes every c
 mid-stage (`_CoresBackOnExit`). The Chameleon model then trains in a fresh process on all cores
 (in this process, after the codes stage, its steps ran ~10 % slower). Why lanes: these models
 are small, so a second thread inside one process gives 1.4x at best (VQ, Chameleon on a 2-core
-host), while two 1-thread processes run side by side at full speed. (Data-parallel Chameleon training in 2 gloo processes was measured too: no faster than
-2 threads, the gradient all-reduce costing what the second core gains.) `--procs 1` runs
-every stage but the Chameleon training in this process, one after another.
+host), while two 1-thread processes run side by side at full speed. (Data-parallel Chameleon
+training in 2 gloo processes was measured too: no faster than 2 threads, the gradient
+all-reduce costing what the second core gains.) `--procs 1` runs every stage but the
+Chameleon training in this process, one after another.
 
 Every stage calls the same public entry points a user would (`mmkit.cli.main([...])`
 with the documented flags, or the documented Python APIs), so the quickstart doubles as
@@ -251,6 +252,7 @@ class Quickstart:
         self.root = recipes_root()
         self._background: _Child | None = None  # the Kimi-VL lane while it runs
         self._lane_done = False  # the lane trained kimivl in this run
+        self._cores_back: _CoresBackOnExit | None = None  # gives the main lane its threads back
 
     # -- paths (docs/design.md "Quickstart directory layout") --
     @property
@@ -340,7 +342,6 @@ class Quickstart:
         torch.set_num_threads(max(1, cores - threads))
         self._cores_back = _CoresBackOnExit(self._background.proc, self._main_threads)
 
-
     def _join_kimivl_lane(self) -> None:
         import torch
 
@@ -419,7 +420,7 @@ class Quickstart:
         return {}
 
     def stage_chameleon(self) -> dict:
-        """Trains in a fresh process on every core: in this process, after the codes stage, the
+        """Trains in a fresh process with this process's threads: in this process, after the codes stage, the
         same steps ran ~10 % slower (0.144 vs 0.127-0.137 s on a 2-core host; not the garbage
         collector, not malloc's free lists: docs/quickstart.md)."""
         out = self.out / "chameleon"
@@ -427,7 +428,9 @@ class Quickstart:
                                 self.plan.chameleon_steps,
                                 [f"model.text_tokenizer={self.out / 'text_tokenizer'}", f"model.vq={self.final('vq')}"]
                                 + list(self.plan.chameleon_overrides))
-        child = _Child(argv, self.out / "chameleon.log", os.cpu_count() or 1, echo=True)
+        import torch
+
+        child = _Child(argv, self.out / "chameleon.log", torch.get_num_threads(), echo=True)
         try:
             child.wait()
         finally:

@@ -131,7 +131,7 @@ def expert_layout(flat: torch.Tensor, num_experts: int, k: int, block: int = 1):
     Why pad on CPU: oneDNN JIT-compiles a GEMM for every new row count, about 1 ms each, and
     dropless routing gives every expert a new count every step; that compile was 40 of the
     ~170 ms of a quickstart Kimi-VL step and grew as the balancing spread the tokens. Groups
-    in multiples of 64 rows repeat, so the compiled kernels are reused (docs/kimivl.md).
+    in multiples of 64 rows repeat, so the compiled kernels are reused (docs/moe.md).
     """
     s = flat.numel()
     order = torch.argsort(flat, stable=True)  # (S,) pairs sorted by expert
