@@ -94,3 +94,10 @@ def test_fsdp2_sharded_optimizer_state_round_trips(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+    # Skip the interpreter's teardown: even after the barrier and destroy_process_group, a gloo
+    # thread still joinable when C++ statics are destroyed aborts the process now and then
+    # ("terminate called without an active exception", seen once in a fresh-clone CI run of
+    # 2026-12-05, under the parallel test load). Everything this test checks is on disk by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
