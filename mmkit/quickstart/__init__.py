@@ -423,13 +423,13 @@ class Quickstart:
         """Trains in a fresh process with this process's threads: in this process, after the codes stage, the
         same steps ran ~10 % slower (0.144 vs 0.127-0.137 s on a 2-core host; not the garbage
         collector, not malloc's free lists: docs/quickstart.md)."""
+        import torch
+
         out = self.out / "chameleon"
         argv = self._train_argv("training/chameleon-shapes.yaml", out, self.data / "train_codes",
                                 self.plan.chameleon_steps,
                                 [f"model.text_tokenizer={self.out / 'text_tokenizer'}", f"model.vq={self.final('vq')}"]
                                 + list(self.plan.chameleon_overrides))
-        import torch
-
         child = _Child(argv, self.out / "chameleon.log", torch.get_num_threads(), echo=True)
         try:
             child.wait()
