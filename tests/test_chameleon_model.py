@@ -229,6 +229,30 @@ def test_loss_cross_entropy_z_loss_and_weights():
     torch.testing.assert_close(weighted, (ce_tok * w[:, 1:].flatten()).sum() / n)
 
 
+def test_training_loss_runs_the_head_on_supervised_rows_only():
+    # return_logits=False with labels: the LM head sees only rows with a target; the loss, the
+    # z-loss and every gradient equal the full-logits path (fp32: to rounding).
+    model = MmkitChameleonForCausalLM(tiny_cfg(z_loss=1e-3))
+    ids = mixed_ids()
+    labels = ids.clone()
+    labels[:, :9] = -100
+    labels[1, 15:20] = -100
+    w = torch.where(model.config.is_image_token(ids), 2.0, 1.0)
+    outs, grads = [], []
+    for full in (True, False):
+        model.zero_grad()
+        out = model(ids, labels=labels, loss_weights=w, return_logits=full)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert outs[1].logits is None and outs[0].logits is not None
+    for k in ("loss", "ce_loss", "z_loss"):
+        torch.testing.assert_close(getattr(outs[1], k), getattr(outs[0], k), rtol=1e-6, atol=1e-6)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert grads[1]["lm_head.weight"].abs().sum() > 0
+
+
 def test_lora_with_peft(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -14,7 +14,7 @@ from mmkit.errors import MmkitError
 from mmkit.train import checkpoint as ckpt_io
 from mmkit.train.config import Recipe, TrainConfig
 from mmkit.train.engine import enable_activation_checkpointing, train
-from mmkit.train.optim import lr_factor, param_groups
+from mmkit.train.optim import MuonWithAdamW, build_optimizer, lr_factor, param_groups
 from mmkit.train.task import register_task
 from mmkit.train.toy import ToyLM, ToyTask
 
@@ -71,6 +71,31 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     a = ckpt_io.load(tmp_path / "full" / "checkpoints" / "step-00000012", 0)["model"]
     b = ckpt_io.load(tmp_path / "part" / "checkpoints" / "step-00000012", 0)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_muon_takes_hidden_matrices_and_resumes_exactly(tmp_path):
+    # train.optimizer: muon: the block matrices go to torch's Muon, embeddings / head / norms /
+    # biases stay with AdamW; the scheduler reaches both; a resumed run is bit-exact.
+    model = ToyLM(ToyTask(TINY_MODEL, {}).model_cfg)
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"))
+    assert isinstance(opt, MuonWithAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = sorted(names[id(p)] for g in opt.inner[0].param_groups for p in g["params"])
+    assert muon == sorted(f"blocks.{i}.{w}.weight" for i in range(2) for w in ("qkv", "proj", "up", "down"))
+    adamw = {names[id(p)] for g in opt.inner[1].param_groups for p in g["params"]}
+    assert {"embed.weight", "pos.weight", "norm.weight", "blocks.0.up.bias"} <= adamw and not adamw & set(muon)
+    kw = dict(optimizer="muon", max_steps=12, save_every=6)
+    full = train(recipe(**kw), tmp_path / "full", progress=False)
+    assert full.losses[12] < full.losses[1] - 1.0
+    rows = read_metrics(tmp_path / "full")
+    assert rows[0]["lr"] == pytest.approx(1.5e-3) and rows[-1]["lr"] < 3e-3  # warmup, then cosine
+    train(recipe(**kw), tmp_path / "part", stop_after=6, progress=False)
+    rest = train(recipe(**kw), tmp_path / "part", resume=True, progress=False)
+    assert [rest.losses[s] for s in range(7, 13)] == [full.losses[s] for s in range(7, 13)]  # bit-exact
+    # a checkpoint of the other optimizer is refused with a clear message
+    train(recipe(max_steps=12, save_every=6), tmp_path / "adamw", stop_after=6, progress=False)
+    with pytest.raises(ValueError, match="train.optimizer: muon"):
+        train(recipe(**kw), tmp_path / "adamw", resume=True, progress=False)
 
 
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):

@@ -26,6 +26,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     adamw: Literal["auto", "fused", "foreach", "for"] = "auto"
+    # muon: torch's Muon on hidden matrices (update RMS matched to AdamW's, same lr / decay), AdamW on
+    # embeddings, the output head, norms and biases (Moonlight); not with FSDP
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_momentum: float = 0.95
     warmup: int = 100  # linear warmup steps
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     min_lr: float = 0.1  # floor of cosine/wsd decay, as a ratio of `lr`

@@ -227,6 +227,9 @@ def train(
         info(f"mmkit train: activation checkpointing: {how}")
     if state:
         model.load_state_dict(state["model"])  # full weights before sharding/wrapping
+    if fsdp and cfg.optimizer == "muon":
+        raise UsageError("train.optimizer: muon does not run under FSDP here (its update needs whole "
+                         "matrices); use adamw, or DDP")
     if fsdp and cfg.adamw == "auto":
         cfg = dataclasses.replace(cfg, adamw="foreach")  # fused AdamW on DTensor shards: not everywhere
     optimizer = build_optimizer(model, cfg)

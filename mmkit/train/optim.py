@@ -1,8 +1,13 @@
-"""AdamW with decay only on matrices, and the learning-rate schedules.
+"""AdamW with decay only on matrices, Muon for the hidden matrices, and the learning-rate schedules.
 
 Weight decay on norms' gains, biases and embedding tables pulls them toward zero for no
 benefit (nanoGPT, torchtitan, Megatron all exempt them); the rule here is "decay iff the
 parameter has >= 2 dims and is not owned by an nn.Embedding".
+
+`train.optimizer: muon` (Moonlight, "Muon is Scalable for LLM Training"): the hidden 2-D
+matrices take torch's `Muon` with its update RMS matched to AdamW's
+(`adjust_lr_fn="match_rms_adamw"`), so `train.lr` and `train.weight_decay` mean what they
+mean for AdamW; embeddings, the output head, norms and biases keep AdamW.
 """
 
 from __future__ import annotations
@@ -34,15 +39,93 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW, fused when every parameter sits on a device with a fused kernel (CPU, CUDA)."""
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon on the hidden matrices + AdamW on the rest, as one optimizer.
+
+    Why one object: the engine, accelerate's wrapper, the LR scheduler and the checkpoints
+    all expect a single optimizer. `param_groups` are the inner optimizers' own group dicts,
+    so a scheduler that sets `lr` on them reaches both.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.inner = [muon, adamw]
+        self.defaults = {}
+        self.param_groups = [g for opt in self.inner for g in opt.param_groups]
+        self.state = {}  # the inner optimizers hold the state
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        self._zero_grad_profile_name = "MuonWithAdamW.zero_grad"
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for opt in self.inner:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.inner:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        """One state dict in torch's format (what the checkpoint writer reads): the AdamW
+        half's parameter indices follow the Muon half's."""
+        m, a = (opt.state_dict() for opt in self.inner)
+        n = sum(len(g["params"]) for g in m["param_groups"])
+        return {"state": {**m["state"], **{i + n: st for i, st in a["state"].items()}},
+                "param_groups": m["param_groups"] + [{**g, "params": [i + n for i in g["params"]]}
+                                                     for g in a["param_groups"]]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        k = len(self.inner[0].param_groups)
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        if len(groups) != k + len(self.inner[1].param_groups) or any("ns_steps" not in g for g in groups[:k]):
+            raise ValueError("this optimizer state was not written by train.optimizer: muon with the same "
+                             "parameters; resume with the optimizer it was written with")
+        n = sum(len(g["params"]) for g in groups[:k])
+        self.inner[0].load_state_dict({"state": {i: st for i, st in state.items() if int(i) < n},
+                                       "param_groups": groups[:k]})
+        self.inner[1].load_state_dict({"state": {int(i) - n: st for i, st in state.items() if int(i) >= n},
+                                       "param_groups": [{**g, "params": [i - n for i in g["params"]]}
+                                                        for g in groups[k:]]})
+        self.param_groups = [g for opt in self.inner for g in opt.param_groups]
+
+
+def muon_params(model: nn.Module) -> list[torch.Tensor]:
+    """Hidden matrices: 2-D trainable weights outside embedding tables and the output head."""
+    skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        skip |= {id(p) for p in head.parameters()}
+    out, seen = [], set()
+    for p in model.parameters():
+        if p.requires_grad and p.ndim == 2 and id(p) not in skip and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (fused when every parameter sits on a device with a fused kernel: CPU, CUDA),
+    or Muon + AdamW (`train.optimizer: muon`)."""
     groups = param_groups(model, cfg.weight_decay)
+    hidden = muon_params(model) if cfg.optimizer == "muon" else []
+    if hidden:
+        ids = {id(p) for p in hidden}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+        groups = [g for g in groups if g["params"]]
     impl = cfg.adamw
     if impl == "auto":
         devices = {p.device.type for g in groups for p in g["params"]}
         impl = "fused" if devices <= {"cpu", "cuda"} else "foreach"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                            adjust_lr_fn="match_rms_adamw")
+    return MuonWithAdamW(muon, adamw)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -430,7 +430,7 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         loss_weights: torch.Tensor | None = None,  # (B, T) weight of predicting labels[t]
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,  # >0: only the last positions' logits (decode)
-        return_logits: bool = True,  # False: skip lm_head (the sampler applies a row slice to hidden_states)
+        return_logits: bool = True,  # False: no logits (the sampler slices hidden_states; with labels: head on supervised rows only)
         return_dict: bool | None = None,
         **kwargs,  # output_attentions etc. from PEFT/transformers callers: ignored
     ) -> ChameleonOutput:
@@ -469,13 +469,45 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if not return_logits:
-            return ChameleonOutput(hidden_states=h)
+            if labels is None:
+                return ChameleonOutput(hidden_states=h)
+            loss, ce, z = self.loss_from_hidden(h, labels, loss_weights)
+            return ChameleonOutput(loss=loss, ce_loss=ce, z_loss=z, hidden_states=h)
         logits = self.lm_head(h)  # (B, T, V): image codes included, nothing masked
 
         loss = ce = z = None
         if labels is not None:
             loss, ce, z = self.loss_from_logits(logits, labels, loss_weights)
         return ChameleonOutput(loss=loss, logits=logits, ce_loss=ce, z_loss=z, hidden_states=h)
+
+    def _shifted_targets(self, labels, loss_weights):
+        """-> (target (N,), weight (N,) or None, n supervised): labels shifted left, flattened."""
+        target = torch.full_like(labels, IGNORE_INDEX)
+        target[:, :-1] = labels[:, 1:]
+        target = target.flatten()  # (N,)
+        w = None
+        if loss_weights is not None:
+            w = torch.zeros_like(loss_weights, dtype=torch.float32)
+            w[:, :-1] = loss_weights[:, 1:]
+            w = w.flatten()
+        return target, w, max(int((target != IGNORE_INDEX).sum()), 1)
+
+    def loss_from_hidden(self, h, labels, loss_weights=None):
+        """The loss of `loss_from_logits`, with the LM head applied to supervised rows only.
+
+        Why: in training most positions are read, not predicted (VQA images and questions,
+        captioned images, padding); projecting them to the vocabulary and back costs ~3
+        (rows x D x V) matmuls and a logits-sized gradient buffer for nothing. Same values
+        as `loss_from_logits(lm_head(h), ...)` (rows are independent in the head).
+        """
+        target, w, n = self._shifted_targets(labels, loss_weights)
+        idx = (target != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+        logits = self.lm_head(h.flatten(0, 1).index_select(0, idx))  # (n, V)
+        ce_sum, z_sum = fused_cross_entropy(logits, target.index_select(0, idx),
+                                            None if w is None else w.index_select(0, idx))
+        ce, z = ce_sum / n, z_sum / n
+        loss = ce + self.config.z_loss * z if self.config.z_loss else ce
+        return loss, ce.detach(), z.detach()
 
     def loss_from_logits(self, logits, labels, loss_weights=None):
         """Next-token CE (+ z-loss) over labels != -100; per-token weights optional.
@@ -484,15 +516,7 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         logsumexp in fp32. Normalised by the number of supervised tokens, so weights < 1
         down-weight a modality without changing the scale of the others.
         """
-        target = torch.full_like(labels, IGNORE_INDEX)
-        target[:, :-1] = labels[:, 1:]
-        target = target.flatten()  # (N,)
-        n = max(int((target != IGNORE_INDEX).sum()), 1)
-        w = None
-        if loss_weights is not None:
-            w = torch.zeros_like(loss_weights, dtype=torch.float32)
-            w[:, :-1] = loss_weights[:, 1:]
-            w = w.flatten()
+        target, w, n = self._shifted_targets(labels, loss_weights)
         ce_sum, z_sum = fused_cross_entropy(logits.flatten(0, 1), target, w)  # skips unsupervised rows
         ce, z = ce_sum / n, z_sum / n
         loss = ce + self.config.z_loss * z if self.config.z_loss else ce

@@ -505,7 +505,8 @@ class ChameleonTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Any]):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
-                    labels=batch["labels"], loss_weights=batch.get("loss_weights"), bidi_ids=batch.get("bidi_ids"))
+                    labels=batch["labels"], loss_weights=batch.get("loss_weights"), bidi_ids=batch.get("bidi_ids"),
+                    return_logits=False)  # the head runs on supervised rows only
         metrics = {"tokens": float((batch["doc_ids"] >= 0).sum()), "ce": float(out.ce_loss), "z": float(out.z_loss),
                    "targets": float((batch["labels"] != -100).sum())}
         return out.loss, metrics
