@@ -31,6 +31,7 @@ from mmkit.nn.attention import attention
 from mmkit.nn.loss import fused_cross_entropy
 
 IGNORE_INDEX = -100
+_CPU_ROW_BLOCK = 64  # training head rows per oneDNN kernel shape (loss_from_hidden)
 
 
 @dataclass
@@ -502,9 +503,17 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         """
         target, w, n = self._shifted_targets(labels, loss_weights)
         idx = (target != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
-        logits = self.lm_head(h.flatten(0, 1).index_select(0, idx))  # (n, V)
-        ce_sum, z_sum = fused_cross_entropy(logits, target.index_select(0, idx),
-                                            None if w is None else w.index_select(0, idx))
+        # CPU: pad the row count to a multiple of 64 with ignored rows. oneDNN builds and keeps
+        # a GEMM kernel for every new row count, and the supervised count changes every step
+        # (unpadded: +170 KB of memory and a growing step time per step; docs/moe.md has the
+        # same effect for expert groups)
+        pad = -idx.numel() % _CPU_ROW_BLOCK if h.device.type == "cpu" else 0
+        tgt = target.index_select(0, idx)
+        if pad:
+            idx = torch.cat([idx, idx.new_zeros(pad)])
+            tgt = torch.cat([tgt, tgt.new_full((pad,), IGNORE_INDEX)])
+        logits = self.lm_head(h.flatten(0, 1).index_select(0, idx))  # (n + pad, V)
+        ce_sum, z_sum = fused_cross_entropy(logits, tgt, None if w is None else w.index_select(0, idx))
         ce, z = ce_sum / n, z_sum / n
         loss = ce + self.config.z_loss * z if self.config.z_loss else ce
         return loss, ce.detach(), z.detach()
