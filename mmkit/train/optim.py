@@ -49,13 +49,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
         self.inner = [muon, adamw]
-        self.defaults = {}
-        self.param_groups = [g for opt in self.inner for g in opt.param_groups]
-        self.state = {}  # the inner optimizers hold the state
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
-        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
-        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
-        self._zero_grad_profile_name = "MuonWithAdamW.zero_grad"
+        super().__init__([p for opt in self.inner for g in opt.param_groups for p in g["params"]], {})
+        self.param_groups = [g for opt in self.inner for g in opt.param_groups]  # the inner dicts themselves
 
     @torch.no_grad()
     def step(self, closure=None):
