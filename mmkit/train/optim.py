@@ -87,25 +87,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.param_groups = [g for opt in self.inner for g in opt.param_groups]
 
 
-def muon_params(model: nn.Module) -> list[torch.Tensor]:
-    """Hidden matrices: 2-D trainable weights outside embedding tables and the output head."""
-    skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+def muon_params(model: nn.Module, decayed: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Hidden matrices: the decayed 2-D weights (`param_groups` already leaves out embedding
+    tables, norms and biases) other than the output head's."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
-        skip |= {id(p) for p in head.parameters()}
-    out, seen = [], set()
-    for p in model.parameters():
-        if p.requires_grad and p.ndim == 2 and id(p) not in skip and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
+    skip = {id(p) for p in head.parameters()} if head is not None else set()
+    return [p for p in decayed if p.ndim == 2 and id(p) not in skip]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (fused when every parameter sits on a device with a fused kernel: CPU, CUDA),
     or Muon + AdamW (`train.optimizer: muon`)."""
     groups = param_groups(model, cfg.weight_decay)
-    hidden = muon_params(model) if cfg.optimizer == "muon" else []
+    hidden = muon_params(model, groups[0]["params"]) if cfg.optimizer == "muon" else []
     if hidden:
         ids = {id(p) for p in hidden}
         groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]

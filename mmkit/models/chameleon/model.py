@@ -26,12 +26,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from mmkit.models.chameleon.config import MmkitChameleonConfig
-from mmkit.nn import RMSNorm, StaticKVCache, SwiGLU, rope_cos_sin
+from mmkit.nn import CPU_GEMM_ROW_BLOCK, RMSNorm, StaticKVCache, SwiGLU, rope_cos_sin
 from mmkit.nn.attention import attention
 from mmkit.nn.loss import fused_cross_entropy
 
 IGNORE_INDEX = -100
-_CPU_ROW_BLOCK = 64  # training head rows per oneDNN kernel shape (loss_from_hidden)
 
 
 @dataclass
@@ -503,11 +502,9 @@ class MmkitChameleonForCausalLM(PreTrainedModel, GenerationMixin):
         """
         target, w, n = self._shifted_targets(labels, loss_weights)
         idx = (target != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
-        # CPU: pad the row count to a multiple of 64 with ignored rows. oneDNN builds and keeps
-        # a GEMM kernel for every new row count, and the supervised count changes every step
-        # (unpadded: +170 KB of memory and a growing step time per step; docs/moe.md has the
-        # same effect for expert groups)
-        pad = -idx.numel() % _CPU_ROW_BLOCK if h.device.type == "cpu" else 0
+        # CPU: pad the row count with ignored rows (CPU_GEMM_ROW_BLOCK): the supervised count
+        # changes every step (unpadded: +170 KB of kernels and a growing step time per step)
+        pad = -idx.numel() % CPU_GEMM_ROW_BLOCK if h.device.type == "cpu" else 0
         tgt = target.index_select(0, idx)
         if pad:
             idx = torch.cat([idx, idx.new_zeros(pad)])

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkit.nn import CPU_GEMM_ROW_BLOCK
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
-CPU_GROUP_BLOCK = 64  # rows: CPU expert groups are padded to multiples of this (`expert_layout`)
+CPU_GROUP_BLOCK = CPU_GEMM_ROW_BLOCK  # rows: CPU expert groups are padded to multiples of this (`expert_layout`)
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
