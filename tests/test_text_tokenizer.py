@@ -13,7 +13,7 @@ from mmkit.text.image_vocab import (
     chameleon_image_token_name,
     make_chameleon_vocabulary_map,
 )
-from mmkit.text.tokenizer import SPECIAL_TOKENS, texts_from_doc, train_bpe
+from mmkit.text.tokenizer import SPECIAL_TOKENS, TextIds, texts_from_doc, train_bpe
 
 
 def _corpus():
@@ -51,6 +51,32 @@ def test_bpe_round_trip_special_tokens_atomic(tmp_path):
     assert len(tok(" circle", add_special_tokens=False)["input_ids"]) == 1
     # no implicit bos/eos: tasks place them explicitly
     assert tok("red")["input_ids"] == tok("red", add_special_tokens=False)["input_ids"]
+
+
+def test_text_ids_memo_equals_the_tokenizer_and_stays_bounded():
+    tok = train_bpe(_corpus(), vocab_size=400)
+    calls = []
+    real = tok.__call__
+
+    class Counting:  # counts the calls that reach the tokenizer
+        def __call__(self, text, **kw):
+            calls.append(text)
+            return real(text, **kw)
+
+    memo = TextIds(Counting(), max_entries=3)
+    texts = _corpus()[:40] + ["<s>x<boi>y", ""]
+    for t in texts + texts:
+        assert memo(t) == tok(t, add_special_tokens=False)["input_ids"]
+    first = memo("A red circle.")
+    first.append(-1)  # callers extend the list they get: the memo must not see it
+    assert memo("A red circle.") == tok("A red circle.", add_special_tokens=False)["input_ids"]
+    # each distinct text reached the tokenizer once while it was held; the memo never holds > 3
+    assert len(memo._memo) <= 3 and len(calls) <= 2 * len(texts) + 2
+    memo2 = TextIds(Counting())
+    calls.clear()
+    for t in texts + texts:
+        memo2(t)
+    assert len(calls) == len(set(texts))
 
 
 def test_bpe_rejects_tiny_vocab():

@@ -22,33 +22,42 @@ def pack_sequences(seqs: Sequence[Sequence[int]], seq_len: int, pad_id: int = 0,
     """
     if seq_len < 1:
         raise ValueError("seq_len must be >= 1")
-    rows: list[list[tuple[int, int, int]]] = [[]]  # (token, doc, pos)
+    # rows as lists of pieces (doc, seq, start, take); the tensors are filled once at the end
+    # (why: a tuple per token cost ~2 ms per Chameleon quickstart batch)
+    rows: list[list[tuple[int, list[int], int, int]]] = [[]]
+    used = [0]  # tokens in each row
     for d, seq in enumerate(seqs):
         seq = list(seq)
         if len(seq) > seq_len and not split_long:
             raise ValueError(f"sequence {d} has {len(seq)} tokens > seq_len {seq_len}")
         start = 0
         while start < len(seq):
-            room = seq_len - len(rows[-1])
+            room = seq_len - used[-1]
             chunk = len(seq) - start
             if chunk > room and (chunk <= seq_len or room == 0):
                 rows.append([])  # start the document (or its next chunk) on a fresh row
+                used.append(0)
                 room = seq_len
             take = min(room, chunk)
-            rows[-1] += [(seq[start + i], d, start + i) for i in range(take)]
+            rows[-1].append((d, seq, start, take))
+            used[-1] += take
             start += take
     if not rows[-1]:
         rows.pop()
-    n = len(rows)
-    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
-    doc_ids = torch.full((n, seq_len), -1, dtype=torch.long)
-    position_ids = torch.zeros((n, seq_len), dtype=torch.long)
-    for r, row in enumerate(rows):
-        if row:
-            t, dd, p = zip(*row)
-            input_ids[r, : len(row)] = torch.tensor(t)
-            doc_ids[r, : len(row)] = torch.tensor(dd)
-            position_ids[r, : len(row)] = torch.tensor(p)
+    ids, docs, pos = [], [], []
+    for row in rows:
+        t, dd, p = [], [], []
+        for d, seq, start, take in row:
+            t += seq[start:start + take]
+            dd += [d] * take
+            p += range(start, start + take)
+        pad = seq_len - len(t)
+        ids.append(t + [pad_id] * pad)
+        docs.append(dd + [-1] * pad)
+        pos.append(p + [0] * pad)
+    input_ids = torch.tensor(ids, dtype=torch.long).view(len(rows), seq_len)
+    doc_ids = torch.tensor(docs, dtype=torch.long).view(len(rows), seq_len)
+    position_ids = torch.tensor(pos, dtype=torch.long).view(len(rows), seq_len)
     return {"input_ids": input_ids, "doc_ids": doc_ids, "position_ids": position_ids}
 
 

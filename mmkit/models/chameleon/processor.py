@@ -29,6 +29,7 @@ import torch
 from mmkit.data import templates
 from mmkit.data.shapes import more_vqa
 from mmkit.errors import UsageError
+from mmkit.text.tokenizer import TextIds
 
 TEXT, IMAGE = 0, 1  # modality of a target token (image = codes and the boi/eoi/row/size tokens)
 
@@ -68,6 +69,7 @@ class ChameleonProcessor:
                  question_first: bool = False, image_size: int | None = None, image_grid: int | None = None,
                  source_size_tokens: bool = False, image_block: int = 1, image_bidi: bool = False):
         self.tokenizer, self.vq, self.question_first = tokenizer, vq, question_first
+        self.text_ids = TextIds(tokenizer)  # text -> ids, memoised (the stream's texts repeat)
         self.block = image_block  # codes written in block x block blocks (to_block_order)
         self.image_bidi = image_bidi  # VQA / caption input images: bidirectional spans
         # square models: images resized to image_size px, codes must be image_grid x image_grid
@@ -97,9 +99,6 @@ class ChameleonProcessor:
                    image_bidi=bool(getattr(config, "image_bidi", False)))
 
     # -- pieces -------------------------------------------------------------------------
-    def text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def image_ids(self, codes, source_size: tuple[int, int] | None = None) -> list[int]:
         """codes (h, w) -> boi [size_h size_w] (row [eor]) * h eoi. `source_size` (w, h) px of
         the image before the square resize: what the size tokens say in source_size_tokens

@@ -31,6 +31,7 @@ from PIL import Image
 
 from mmkit.data import templates as T
 from mmkit.errors import UsageError
+from mmkit.text.tokenizer import TextIds
 
 PROCESSOR_FILE = "kimivl_processor.json"
 PROMPT_ORDERS = ("image_first", "question_first")
@@ -127,6 +128,7 @@ class KimiVLProcessor:
         if prompt_order not in PROMPT_ORDERS:
             raise UsageError(f"prompt_order must be one of {', '.join(PROMPT_ORDERS)}, got {prompt_order!r}")
         self.tokenizer = tokenizer
+        self.text_ids = TextIds(tokenizer)  # text -> ids, memoised (the stream's texts repeat)
         self.image_processor = image_processor or KimiVLImageProcessor()
         self.prompt_order = prompt_order
         ids = []
@@ -156,9 +158,6 @@ class KimiVLProcessor:
     def caption_segments(self, image) -> list:
         """The segments for a caption prompt (image first in both orders: nothing to condition on)."""
         return [image, T.caption_prompt()]
-
-    def text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, segments: Sequence[str | Image.Image], add_bos: bool = True) -> dict:
         """Interleaved [text | image, ...] -> {"input_ids": list[int], "pixel_values", "image_grid_thw",
