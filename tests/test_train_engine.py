@@ -14,7 +14,7 @@ from mmkit.errors import MmkitError
 from mmkit.train import checkpoint as ckpt_io
 from mmkit.train.config import Recipe, TrainConfig
 from mmkit.train.engine import enable_activation_checkpointing, train
-from mmkit.train.optim import MuonWithAdamW, build_optimizer, lr_factor, param_groups
+from mmkit.train.optim import BatchedMuon, MuonWithAdamW, build_optimizer, lr_factor, param_groups
 from mmkit.train.task import register_task
 from mmkit.train.toy import ToyLM, ToyTask
 
@@ -74,11 +74,11 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_muon_takes_hidden_matrices_and_resumes_exactly(tmp_path):
-    # train.optimizer: muon: the block matrices go to torch's Muon, embeddings / head / norms /
+    # train.optimizer: muon: the block matrices go to (batched) torch Muon, embeddings / head / norms /
     # biases stay with AdamW; the scheduler reaches both; a resumed run is bit-exact.
     model = ToyLM(ToyTask(TINY_MODEL, {}).model_cfg)
     opt = build_optimizer(model, TrainConfig(optimizer="muon"))
-    assert isinstance(opt, MuonWithAdamW)
+    assert isinstance(opt, MuonWithAdamW) and isinstance(opt.inner[0], BatchedMuon)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = sorted(names[id(p)] for g in opt.inner[0].param_groups for p in g["params"])
     assert muon == sorted(f"blocks.{i}.{w}.weight" for i in range(2) for w in ("qkv", "proj", "up", "down"))
@@ -96,6 +96,28 @@ def test_muon_takes_hidden_matrices_and_resumes_exactly(tmp_path):
     train(recipe(max_steps=12, save_every=6), tmp_path / "adamw", stop_after=6, progress=False)
     with pytest.raises(ValueError, match="train.optimizer: muon"):
         train(recipe(**kw), tmp_path / "adamw", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_equals_torch_muon_bit_for_bit(nesterov):
+    # same-shape matrices share one batched Newton-Schulz; tall, wide, square, lone and tiny
+    # (one-at-a-time) shapes
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 48), (16, 16), (48, 16), (16, 48), (16, 16), (7, 5), (4, 32), (4, 32)]
+    ref = [torch.nn.Parameter(0.1 * torch.randn(s, generator=g)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    kw = dict(lr=2e-2, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    opts = torch.optim.Muon(ref, **kw), BatchedMuon(ours, **kw)
+    for _ in range(4):
+        for p, q in zip(ref, ours):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        for o in opts:
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(ref, ours))
+    assert opts[0].state_dict()["state"].keys() == opts[1].state_dict()["state"].keys()
+    assert all(torch.equal(opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"])
+               for p, q in zip(ref, ours))
 
 
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
