@@ -372,6 +372,9 @@ def test_code_rows_from_pixels_train_shared_and_bake_to_a_plain_model(tokenizer,
     # embedding tables and the projections below them are not weight-decayed
     no_decay = {id(p) for p in param_groups(model, 0.1)[1]["params"]}
     assert id(model.get_input_embeddings().parametrizations.weight[0].proj) in no_decay
+    # nor the QK-norm's per-head gains and biases, though they are 2-D (H, hd)
+    qk_norm = [p for n, p in model.named_parameters() if ".q_norm." in n or ".k_norm." in n]
+    assert qk_norm and all(p.ndim == 2 and id(p) in no_decay for p in qk_norm)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.tensor([[cfg.bos_token_id, off + 1, off + 3, off + 2, off + 5, cfg.eos_token_id]])
     for _ in range(3):

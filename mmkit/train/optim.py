@@ -2,7 +2,7 @@
 
 Weight decay on norms' gains, biases and embedding tables pulls them toward zero for no
 benefit (nanoGPT, torchtitan, Megatron all exempt them); the rule here is "decay iff the
-parameter has >= 2 dims and is not owned by an nn.Embedding".
+parameter has >= 2 dims and is not owned by an nn.Embedding or a norm layer".
 
 `train.optimizer: muon` (Moonlight, "Muon is Scalable for LLM Training"): the hidden 2-D
 matrices take torch's `Muon` (its Newton-Schulz steps batched over same-shape matrices:
@@ -23,16 +23,25 @@ from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 from mmkit.train.config import TrainConfig
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """torch's norm layers and any module class named *Norm* (RMSNorm, QK-norm's per-head
+    HeadwiseLayerNorm, whose (H, hd) gains and biases are 2-D)."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)) \
+        or "Norm" in type(module).__name__
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed matrices, and everything else (1-D params + embeddings)."""
-    # recurse: a parametrized table keeps its weight (and its parametrization's parameters) below it
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    """Two AdamW groups: decayed matrices, and everything else (1-D params, embeddings, norms)."""
+    # embeddings recurse: a parametrized table keeps its weight (and its parametrization's
+    # parameters) below it; a norm's own parameters only (a class named *Norm* may hold a model)
+    exempt = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    exempt |= {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
     decay, no_decay, seen = [], [], set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        if p.ndim >= 2 and id(p) not in embedding_params:
+        if p.ndim >= 2 and id(p) not in exempt:
             decay.append(p)
         else:
             no_decay.append(p)
