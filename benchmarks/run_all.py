@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 ORDER = [
-    "data_pipeline", "train_engine", "vq_compare", "chameleon_train", "moe_train", "moe_scaling",
+    "data_pipeline", "train_engine", "muon", "vq_compare", "chameleon_train", "moe_train", "moe_scaling",
     "kimivl_model", "scaling", "generation", "eval_scorers",
 ]
 # Default extra flags: the VQ quantizer comparison trains three tokenizers (~10 min) and the
@@ -36,6 +36,7 @@ EXTRA_ARGS = {"vq_compare": ["--skip-train"], "generation": ["--quick"]}
 TITLES = {
     "data_pipeline": "Data pipeline (issue 2)",
     "train_engine": "Training engine overhead (issue 4)",
+    "muon": "Muon optimizer step: BatchedMuon vs torch.optim.Muon (issues 4, 9)",
     "vq_compare": "VQ tokenizers (issue 3)",
     "chameleon_train": "Chameleon-style training step vs transformers (issue 5)",
     "moe_train": "MoE decoder training step vs transformers DeepseekV3 (issue 6)",
