@@ -72,11 +72,11 @@ class BatchedMuon(torch.optim.Muon):
     same-shape matrices run as one batch of `bmm`s.
 
     Why: a transformer's hidden matrices come in a few shapes, one per layer; one at a time
-    they are many small matmuls (the quickstart's Chameleon: 16 matrices of 4 shapes, 20 ms
-    a step at 1 thread) and batched they cost 12 ms. Same arithmetic, and the same bits as
-    torch's on every matrix we compared (tested) except tiny ones: for a side below
-    `BATCH_MIN_SIDE` bmm and mm round differently now and then (one bf16 ulp in 1 of 960 (4, 32)
-    QK-norm gains over 60 quickstart steps), so those keep torch's one-at-a-time path.
+    they are many small matmuls (the quickstart's Chameleon: 16 matrices of 4 shapes, 13.8 ms
+    a step at 2 threads) and batched they cost 6.9 ms (benchmarks/muon.py). Same arithmetic,
+    and the same bits as torch's on every matrix we compared (tested) except tiny ones: for a
+    side below `BATCH_MIN_SIDE` bmm and mm rounded differently now and then (one bf16 ulp in 1
+    of 960 (4, 32) tables over 60 quickstart steps), so those keep torch's one-at-a-time path.
     """
 
     BATCH_MIN_SIDE = 16
@@ -91,6 +91,7 @@ class BatchedMuon(torch.optim.Muon):
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
             lr, wd, mom = float(group["lr"]), group["weight_decay"], group["momentum"]
+            ns_args = group["ns_coefficients"], group["ns_steps"], group["eps"]
             updates = []
             for g, buf in zip(grads, bufs):
                 buf.lerp_(g, 1 - mom)
@@ -99,7 +100,6 @@ class BatchedMuon(torch.optim.Muon):
             for i, u in enumerate(updates):
                 same_shape[(tuple(u.shape), u.device)].append(i)
             for (shape, _), idx in same_shape.items():
-                ns_args = group["ns_coefficients"], group["ns_steps"], group["eps"]
                 if min(shape) >= self.BATCH_MIN_SIDE:
                     ortho = newton_schulz_batched(torch.stack([updates[i] for i in idx]), *ns_args)  # (k, A, B)
                 else:
@@ -126,7 +126,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:  # a closure runs backward: it needs autograd, as in torch's optimizers
+            with torch.enable_grad():
+                loss = closure()
         for opt in self.inner:
             opt.step()
         return loss
@@ -185,7 +188,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if not hidden:
         return adamw
     muon = BatchedMuon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                            adjust_lr_fn="match_rms_adamw")
+                       adjust_lr_fn="match_rms_adamw")
     return MuonWithAdamW(muon, adamw)
 
 
