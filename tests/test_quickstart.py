@@ -46,6 +46,38 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
     changed = {n for n in before if before[n] != after[n]}
     assert changed == {"report.json"}
+    _early_codes_equal_the_stage_codes(out)
+
+
+def _codes_of(d):
+    """{(shard, key): the stored image_codes} of every sample under d."""
+    from mmkit.data.reader import iter_shard_raw
+
+    return {(p.name, raw["__key__"]): json.loads(raw["members"]["json"])["image_codes"]
+            for p in sorted(d.glob("*.tar")) for raw in iter_shard_raw(str(p))}
+
+
+def _early_codes_equal_the_stage_codes(out):
+    """The VQ stage's hook (right after the codebook refit) encodes the training split in a
+    second process; the codes stage then waits for it: the same codes as the codes stage's own."""
+    import shutil
+
+    import torch
+
+    from mmkit.quickstart import Plan, Quickstart
+    from mmkit.vq.model import VQModel
+
+    ref = _codes_of(out / "data" / "train_codes")
+    assert ref and any(c for v in ref.values() for c in v)
+    shutil.rmtree(out / "data" / "train_codes")
+    threads = torch.get_num_threads()
+    qs = Quickstart(out, Plan.make(1.0, smoke=True), log=lambda m: None, procs=2)
+    qs._start_codes_early(VQModel.from_pretrained(out / "vq" / "final"))  # its decoder is not used
+    assert qs._codes_child is not None and (out / "vq" / "refit" / "config.json").is_file()
+    res = qs.stage_codes()
+    assert res["train_split_background_s"] > 0 and torch.get_num_threads() == threads
+    assert not (out / "vq" / "refit").exists() and "tokenized" in (out / "codes.log").read_text()
+    assert _codes_of(out / "data" / "train_codes") == ref
 
 
 def test_quickstart_bad_flag_is_usage_error(capsys):

@@ -17,7 +17,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -107,6 +107,12 @@ def collate_crops(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"images": torch.cat(items)}  # (N, 3, c, c)
 
 
+# Called with the VQ model right after `save_final`'s codebook refit, before the decoder
+# fine-tune: from then on every code is final (the fine-tune trains the decoder only), so a
+# caller can start encoding images while the decoder trains (the quickstart's codes stage).
+AFTER_REFIT: list[Callable[[VQModel], None]] = []
+
+
 @register_task("vq")
 class VQTask:
     """The VQ tokenizer as the engine sees it (see mmkit.train.task.Task)."""
@@ -172,6 +178,8 @@ class VQTask:
         vq = getattr(model, "module", model).vq
         if self.loss_cfg.codebook_refit_batches:
             self.refit_codebook(vq)
+        for fn in AFTER_REFIT:
+            fn(vq)
         if self.loss_cfg.decoder_finetune_steps:
             self.finetune_decoder(vq)
         vq.save_pretrained(out_dir)
