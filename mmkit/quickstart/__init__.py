@@ -181,6 +181,10 @@ class _Child:
             raise MmkitError(f"`mmkit {' '.join(self.cmd[3:])}` exited with status {rc}: {_tail(self.log)} "
                              f"(log: {self.log})")
 
+    def ended_at(self) -> float:
+        """When it ended, by its log's last write (it may be joined a stage later)."""
+        return max(self.start, min(time.time(), self.log.stat().st_mtime))
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -364,8 +368,7 @@ class Quickstart:
             self._fail("kimivl", str(e), child.start)
         finally:
             torch.set_num_threads(self._main_threads)
-        # the child's last write to its log marks its end (it may be joined a stage later)
-        end = max(child.start, min(time.time(), child.log.stat().st_mtime))
+        end = child.ended_at()
         self._save("kimivl", child.start, self._train_summary(self.out / "kimivl"), end)
         self._lane_done = True
         self.log(f"[quickstart] {STAGES.index('kimivl') + 1}/{len(STAGES)} kimivl: done in "
@@ -471,8 +474,7 @@ class Quickstart:
                 self._codes_back.close()
                 torch.set_num_threads(self._codes_threads)
                 shutil.rmtree(self.out / "vq" / "refit", ignore_errors=True)
-            # its own seconds, beside the VQ stage's end (the log's last write marks its end)
-            res["train_split_background_s"] = round(max(child.start, child.log.stat().st_mtime) - child.start, 1)
+            res["train_split_background_s"] = round(child.ended_at() - child.start, 1)  # inside the VQ stage
             splits = ("eval",)
         for split in splits:
             _cli(self._codes_argv(self.final("vq"), split))
