@@ -1,5 +1,6 @@
 """Chameleon family: processor layouts, packing, the task's stream, overfitting, recipes."""
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -474,6 +475,29 @@ def test_vary_per_epoch_draws_new_questions_and_captions(tokenizer):
         assert sorted(map(str, parse_caption(target))) == want  # the same scene, maybe other words
         texts.add(target)
     assert len(texts) > 1
+
+
+def test_memo_docs_stream_equals_the_plain_stream(tokenizer, tmp_path):
+    """data.memo_docs: the task's batches over several epochs equal those without it (EncodeDoc
+    draws from (seed, key) alone); with vary_per_epoch it is a config error."""
+    from mmkit.data.synth import synth
+    from mmkit.vq.model import VQConfig, VQModel
+
+    synth(tmp_path / "data", n=4, seed=0, eval_n=1, shard_size=8)
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    VQModel(VQConfig(base_channels=8, channel_multiplier=[1, 1, 1, 1], latent_channels=8, embed_dim=4,
+                     codebook_size=N_CODES, norm_groups=4, mid_attn=False)).save_pretrained(tmp_path / "vq")
+    model = {"text_tokenizer": str(tmp_path / "tok"), "vq": str(tmp_path / "vq"), "hidden_size": 32,
+             "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    data = {"sources": str(tmp_path / "data" / "train"), "vq_encode": True, "seq_len": 256, "vqa_extra_questions": 3,
+            "kind_weights": {"vqa": 1.0, "caption": 1.0, "interleaved": 1.0}}
+    plain = ChameleonTask(model, data, seed=3).batches(batch_size=4)
+    memo = ChameleonTask(model, {**data, "memo_docs": True}, seed=3).batches(batch_size=4)
+    for a, b in zip(itertools.islice(plain, 12), itertools.islice(memo, 12)):  # 48 docs of 12: 4 epochs
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(memo.plan.memo) == 12 and memo.stats == plain.stats
+    with pytest.raises(ValueError, match="memo_docs"):
+        ChameleonDataConfig(memo_docs=True, vary_per_epoch=True)
 
 
 def test_vqa_question_weights_steer_the_extra_questions(tokenizer):

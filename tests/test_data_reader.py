@@ -14,6 +14,7 @@ from mmkit.data.packing import cu_seqlens, doc_attention_mask
 from mmkit.data.reader import consumer_range, iter_shard_raw
 from mmkit.data.synth import make_doc
 from mmkit.data.writer import sample_members, write_shard
+from mmkit.errors import UsageError
 
 
 def _keys(batch):
@@ -176,6 +177,43 @@ def test_map_fn_and_collate_run_per_sample_and_batch(shapes_data):
     assert all(isinstance(b, tuple) and b[0] <= 5 for b in out)
     assert s.stats["skipped"].get("map_fn", 0) + s.stats["ok"] == 32
     assert s.stats["skipped"].get("map_fn", 0) > 0
+
+
+class _CountingMap:
+    """map_fn that counts its calls (num_workers=0: it runs in this process)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, doc):
+        self.calls += 1
+        return _answer_or_caption(doc)
+
+
+def _answer_or_caption(doc):
+    """A VQA doc's answer (None: skipped for yes/no answers), a caption doc's first caption."""
+    return _answer_or_none(doc) if "answer" in doc["meta"] else (doc["__key__"], doc["texts"][0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_memo_reuses_map_fn_outputs_and_changes_nothing_else(shapes_data, workers):
+    """memo=True: later epochs take each sample's map_fn output (or skip) from memory; the
+    batches, the resume state and the counts equal the stream without it."""
+    src = {str(shapes_data / "train" / "vqa-*.tar"): 0.7, str(shapes_data / "train" / "caption-*.tar"): 0.3}
+    n_batches = 60  # ~3.5 epochs of the vqa shards
+    mk = lambda memo, fn: build_stream(src, batch_size=4, seed=5, num_workers=workers, shuffle_buffer=8,
+                                       map_fn=fn, collate_fn=_collate_len, memo=memo)
+    ref, s = mk(False, _answer_or_caption), mk(True, _CountingMap())
+    a, b = list(itertools.islice(ref, n_batches)), list(itertools.islice(s, n_batches))
+    assert a == b
+    assert s.stats == ref.stats and s.stats["skipped"].get("map_fn", 0) > 0
+    assert s.state_dict() == ref.state_dict()
+    if workers == 0:
+        n_samples = sum(1 for p in (shapes_data / "train").glob("vqa-*.tar") for _ in iter_shard_raw(str(p)))
+        assert s.stats["samples"] > 3 * n_samples  # several epochs went by ...
+        assert s.plan.map_fn.calls == len(s.plan.memo) < s.stats["samples"]  # ... and each sample was mapped once
+    with pytest.raises(UsageError, match="memo=True"):
+        build_stream(src, batch_size=4, memo=True)
 
 
 def _answer_or_none(doc):

@@ -381,12 +381,14 @@ class _Plan:
     """Everything a worker needs (picklable; sent to DataLoader workers)."""
 
     def __init__(self, sources, seed, rank, world, workers, batch_size, shuffle_buffer,
-                 decode_images, map_fn, collate_fn, infinite, max_pixels):
+                 decode_images, map_fn, collate_fn, infinite, max_pixels, memo=False):
         self.sources = sources
         self.seed, self.rank, self.world, self.workers = seed, rank, world, workers
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.decode_images, self.map_fn, self.collate_fn = decode_images, map_fn, collate_fn
         self.infinite, self.max_pixels = infinite, max_pixels
+        # (shard url, key) -> (map_fn output, skip reason); each process (DataLoader worker) fills its own
+        self.memo: dict | None = {} if memo else None
 
     def worker_length(self, src: _Source, worker: int) -> int:
         return consumer_range(src.total(), self.rank, self.world, worker, self.workers)[1]
@@ -471,16 +473,22 @@ def worker_batches(plan: _Plan, worker: int, wstate: dict) -> Iterator[tuple]:
                 continue
             epgood[i] = 0
         pos[i] = [ep, n]
-        doc, reason = decode_sample(raw, plan.decode_images, plan.max_pixels)
         stats["samples"] += 1
-        if reason is None:
-            # the pass over this source: lets map_fns vary random augmentation per epoch while
-            # staying a pure function of (seed, key, epoch), hence exactly resumable
-            doc["__epoch__"] = ep
-        if reason is None and plan.map_fn is not None:
-            doc = plan.map_fn(doc)
-            if doc is None:
-                reason = "map_fn"
+        mkey = (raw.get("__url__"), raw.get("__key__")) if plan.memo is not None and "__fault__" not in raw else None
+        if mkey is not None and mkey in plan.memo:
+            doc, reason = plan.memo[mkey]
+        else:
+            doc, reason = decode_sample(raw, plan.decode_images, plan.max_pixels)
+            if reason is None:
+                # the pass over this source: lets map_fns vary random augmentation per epoch while
+                # staying a pure function of (seed, key, epoch), hence exactly resumable
+                doc["__epoch__"] = ep
+            if reason is None and plan.map_fn is not None:
+                doc = plan.map_fn(doc)
+                if doc is None:
+                    reason = "map_fn"
+            if mkey is not None:
+                plan.memo[mkey] = (doc, reason)
         if reason is not None:
             stats["skip:" + reason] += 1
             log_skip(reason, f"{raw.get('__url__')} key={raw.get('__key__')}")
@@ -637,17 +645,24 @@ def build_stream(sources, *, batch_size: int, collate_fn: Callable | None = None
                  map_fn: Callable | None = None, seed: int = 0, rank: int | None = 0,
                  world_size: int | None = 1, num_workers: int = 0, decode_images: bool = True,
                  shuffle_buffer: int = 1000, infinite: bool = True,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> Stream:
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, memo: bool = False) -> Stream:
     """The reader (docs/design.md): batches of documents (or map_fn outputs, collated).
 
     `sources`: a directory, a glob, a list of shard paths, or {dir_or_pattern: weight}.
-    `rank`/`world_size` None -> from the RANK / WORLD_SIZE environment variables."""
+    `rank`/`world_size` None -> from the RANK / WORLD_SIZE environment variables.
+    `memo`: map_fn's output depends on the sample alone (not on `__epoch__`), so each sample's
+    output (or skip) is kept by (shard, key) and later epochs reuse it without decoding. Why:
+    small data seen for several epochs (the quickstart's Chameleon: ~3) spends most of its
+    stream time decoding and tokenizing the same samples again. Order, batches, state and
+    counts are unchanged; memory grows with the dataset's map_fn outputs."""
     from mmkit.errors import UsageError
 
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if memo and map_fn is None:
+        raise UsageError("build_stream(memo=True) needs a map_fn (memoised docs would keep their first __epoch__)")
     if batch_size < 1 or num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"bad reader settings: batch_size={batch_size} num_workers={num_workers} "
                          f"rank={rank} world_size={world_size}")
@@ -661,5 +676,5 @@ def build_stream(sources, *, batch_size: int, collate_fn: Callable | None = None
 
     srcs = [_Source(spec, w, i) for i, (spec, w) in enumerate(specs)]
     plan = _Plan(srcs, seed, rank, world_size, max(1, num_workers), batch_size, shuffle_buffer,
-                 decode_images, map_fn, collate_fn, infinite, max_image_pixels)
+                 decode_images, map_fn, collate_fn, infinite, max_image_pixels, memo)
     return Stream(plan, num_workers)
