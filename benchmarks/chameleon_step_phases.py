@@ -21,6 +21,18 @@ import torch
 PHASES = ("stream", "forward+loss", "backward", "clip", "optimizer")
 
 
+def quickstart_task(run: str, recipe: str, overrides: list[str] = ()):
+    """-> (recipe, task): the Chameleon recipe pointed at a quickstart directory's training codes,
+    text tokenizer and VQ (what the quickstart's Chameleon stage trains on)."""
+    import mmkit.models.chameleon.task  # noqa: F401  (registers the task)
+    from mmkit.cli.train import load_recipe
+    from mmkit.train.task import get_task
+
+    r = load_recipe(recipe, [f"model.text_tokenizer={run}/text_tokenizer", f"model.vq={run}/vq/final", *overrides],
+                    data=f"{run}/data/train_codes")
+    return r, get_task(r.task)(r.model, r.data, seed=0, out_dir=tempfile.gettempdir())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a quickstart directory (data/train_codes, text_tokenizer, vq/final)")
@@ -30,16 +42,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="measured steps (after 30 warm-up steps)")
     args = ap.parse_args()
 
-    import mmkit.models.chameleon.task  # noqa: F401  (registers the task)
-    from mmkit.cli.train import load_recipe
     from mmkit.train.optim import build_optimizer
-    from mmkit.train.task import get_task
 
     torch.set_num_threads(args.threads)
-    d = args.run
-    r = load_recipe(args.recipe, [f"model.text_tokenizer={d}/text_tokenizer", f"model.vq={d}/vq/final",
-                                  f"train.batch_size={args.batch}"], data=f"{d}/data/train_codes")
-    task = get_task(r.task)(r.model, r.data, seed=0, out_dir=tempfile.gettempdir())
+    r, task = quickstart_task(args.run, args.recipe, [f"train.batch_size={args.batch}"])
     batches = iter(task.batches(batch_size=args.batch))
     model = task.build_model().train()
     opt = build_optimizer(model, r.train)

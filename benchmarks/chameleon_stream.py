@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import tempfile
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from chameleon_step_phases import quickstart_task  # noqa: E402
 
 
 def main() -> None:
@@ -29,17 +33,10 @@ def main() -> None:
 
     import torch
 
-    import mmkit.models.chameleon.task  # noqa: F401  (registers the task)
-    from mmkit.cli.train import load_recipe
-    from mmkit.train.task import get_task
-
     torch.set_num_threads(1)
-    d = args.run
 
     def stream(memo: bool):
-        r = load_recipe(args.recipe, [f"model.text_tokenizer={d}/text_tokenizer", f"model.vq={d}/vq/final",
-                                      f"data.memo_docs={str(memo).lower()}"], data=f"{d}/data/train_codes")
-        task = get_task(r.task)(r.model, r.data, seed=0, out_dir=tempfile.gettempdir())
+        r, task = quickstart_task(args.run, args.recipe, [f"data.memo_docs={str(memo).lower()}"])
         return iter(task.batches(batch_size=r.train.batch_size))
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

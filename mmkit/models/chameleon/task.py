@@ -508,8 +508,7 @@ class ChameleonTask:
         return build_stream(sources, batch_size=batch_size, collate_fn=PackCollate(d.seq_len, pad, d.first_fit),
                             map_fn=EncodeDoc(self.processor(), d, self.seed), seed=self.seed, rank=rank,
                             world_size=world_size, num_workers=num_workers, decode_images=d.vq_encode,
-                            shuffle_buffer=d.shuffle_buffer, infinite=True,
-                            memo=d.memo_docs)
+                            shuffle_buffer=d.shuffle_buffer, infinite=True, memo=d.memo_docs)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
