@@ -229,6 +229,11 @@ def test_vq_square_data_and_eval_see_the_square_model_view(tiny_shards, tiny_vq_
     with pytest.raises(UsageError, match="exceeds data.square"):
         VQTask(model_cfg, {"sources": str(tiny_shards / "train"), "crop": 64, "square": 48})
 
+    with pytest.raises(UsageError, match="square_prob 1.5"):
+        VQTask(model_cfg, {"sources": str(tiny_shards / "train"), "crop": 48, "square_prob": 1.5})
+    with pytest.raises(UsageError, match="square_prob needs data.square null"):
+        VQTask(model_cfg, {"sources": str(tiny_shards / "train"), "crop": 48, "square": 48, "square_prob": 0.5})
+
     model = VQModel.from_pretrained(tiny_vq_dir)
     imgs = [vq_pixels(im, 48) for _, ims in _docs_and_images(tiny_shards / "eval") for im in ims.values()]
     ref = evaluate_images(model, imgs)
@@ -239,3 +244,27 @@ def test_vq_square_data_and_eval_see_the_square_model_view(tiny_shards, tiny_vq_
     assert main(["tokenizer", "eval-vq", "--model", str(tiny_vq_dir), "--data", str(tiny_shards / "eval"),
                  "--square", "48", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["psnr"] == pytest.approx(ref["psnr"], abs=1e-6)
+
+
+def test_vq_square_prob_mixes_whole_squashed_images_into_the_crops(tiny_shards):
+    """data.square_prob: that share of images is the whole image resized to crop x crop (what a square
+    Chameleon model's codes see), the rest native-size crops; drawn per (seed, key, image, epoch)."""
+    from mmkit.vq.task import CropImages
+    from mmkit.vq.tokenize_shards import vq_pixels
+
+    imgs = [im for _, ims in _docs_and_images(tiny_shards / "train") for im in ims.values()]
+    docs = [{"__key__": f"k{i}", "images": [im]} for i, im in enumerate(imgs)]
+    whole = [vq_pixels(im, 16) for im in imgs]
+    crops = [CropImages(16, False, 0, 4, 1)(d)[0] for d in docs]
+    assert all(CropImages(16, False, 0, 4, 1, square_prob=1.0)(d)[0].equal(w) for d, w in zip(docs, whole))
+    assert all(CropImages(16, False, 0, 4, 1, square_prob=0.0)(d)[0].equal(c) for d, c in zip(docs, crops))
+    mix = CropImages(16, False, 0, 4, 1, square_prob=0.5)
+    got = [mix(d)[0] for d in docs]
+    n_whole = sum(g.equal(w) for g, w in zip(got, whole))
+    assert all(g.equal(w) or g.equal(c) for g, w, c in zip(got, whole, crops))
+    assert 0 < n_whole < len(docs), (n_whole, len(docs))
+    assert all(a.equal(b) for a, b in zip(got, [mix(d)[0] for d in docs]))  # deterministic
+    # flips apply to the squashed images too, with the same seeded draw
+    flipped = [CropImages(16, True, 0, 4, 1, square_prob=1.0)(d)[0] for d in docs]
+    assert all(f.equal(w) or f.equal(w.flip(-1)) for f, w in zip(flipped, whole))
+    assert any(f.equal(w.flip(-1)) and not f.equal(w) for f, w in zip(flipped, whole))

@@ -42,6 +42,10 @@ class VQDataConfig:
     # every image resized to square x square px first (as `tokenize-images --square`), for a
     # tokenizer of square models; crop == square trains on whole images
     square: int | None = None
+    # with square None: this share of images is resized whole to crop x crop px instead of cropped
+    # (the view `tokenize-images --square crop` gives a square Chameleon model: objects smaller than
+    # in native-size crops)
+    square_prob: float = 0.0
 
 
 def parse_model_section(model_cfg: dict, where: str = "model") -> tuple[VQConfig, VQLossConfig]:
@@ -73,9 +77,10 @@ class CropImages:
     crops teach nothing after the first steps, edges are where reconstruction error lives.
     """
 
-    def __init__(self, crop: int, flip: bool, seed: int, max_images: int, tries: int = 1, square: int | None = None):
+    def __init__(self, crop: int, flip: bool, seed: int, max_images: int, tries: int = 1, square: int | None = None,
+                 square_prob: float = 0.0):
         self.crop, self.flip, self.seed, self.max_images, self.tries = crop, flip, seed, max_images, max(1, tries)
-        self.square = square
+        self.square, self.square_prob = square, square_prob
 
     def __call__(self, doc):
         out = []
@@ -84,8 +89,14 @@ class CropImages:
         for i, img in enumerate(x for x in doc.get("images", []) if x is not None):
             if i >= self.max_images:
                 break
-            x = vq_pixels(img, self.square)  # (3, H, W)
             c = self.crop
+            if self.square_prob:
+                h = hashlib.blake2b(f"{self.seed}/{doc.get('__key__')}/{i}/sq{tag}".encode(), digest_size=8).digest()
+                if int.from_bytes(h, "little") / 2**64 < self.square_prob:
+                    x = vq_pixels(img, c)  # (3, c, c): the whole image, squashed
+                    out.append(x.flip(-1) if self.flip and h[0] & 1 else x)
+                    continue
+            x = vq_pixels(img, self.square)  # (3, H, W)
             _, H, W = x.shape
             if H < c or W < c:
                 x = torch.nn.functional.pad(x[None], (0, max(0, c - W), 0, max(0, c - H)), mode="replicate")[0]
@@ -127,6 +138,10 @@ class VQTask:
             check_square(self.data_cfg.square, self.vq_cfg.downsample, "data.square")
             if self.data_cfg.crop > self.data_cfg.square:
                 raise UsageError(f"data.crop {self.data_cfg.crop} exceeds data.square {self.data_cfg.square}")
+        if not 0.0 <= self.data_cfg.square_prob <= 1.0:
+            raise UsageError(f"data.square_prob {self.data_cfg.square_prob} must lie in [0, 1]")
+        if self.data_cfg.square_prob and self.data_cfg.square is not None:
+            raise UsageError("data.square_prob needs data.square null (with data.square every image is square already)")
         if self.loss_cfg.codebook_refit_batches and self.vq_cfg.quantizer != "vq":
             raise UsageError(f"model.loss.codebook_refit_batches: the codebook refit needs quantizer 'vq', not "
                              f"'{self.vq_cfg.quantizer}' (set it to 0)")
@@ -143,7 +158,7 @@ class VQTask:
             raise UsageError("vq task: no training data (set data.sources or pass --data DIR)")
         return build_stream(
             d.sources, batch_size=batch_size, collate_fn=collate_crops,
-            map_fn=CropImages(d.crop, d.flip, self.seed, d.max_images_per_sample, d.crop_tries, d.square),
+            map_fn=CropImages(d.crop, d.flip, self.seed, d.max_images_per_sample, d.crop_tries, d.square, d.square_prob),
             seed=self.seed,
             rank=rank, world_size=world_size, num_workers=num_workers, decode_images=True,
             shuffle_buffer=d.shuffle_buffer, infinite=True,
