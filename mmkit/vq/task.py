@@ -82,6 +82,11 @@ class CropImages:
         self.crop, self.flip, self.seed, self.max_images, self.tries = crop, flip, seed, max_images, max(1, tries)
         self.square, self.square_prob = square, square_prob
 
+    def _draw(self, doc, i: int, salt: str, tag: str) -> int:
+        """A 64-bit draw fixed by (seed, sample key, image index, salt, epoch tag)."""
+        h = hashlib.blake2b(f"{self.seed}/{doc.get('__key__')}/{i}/{salt}{tag}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little")
+
     def __call__(self, doc):
         out = []
         epoch = int(doc.get("__epoch__") or 0)
@@ -91,10 +96,10 @@ class CropImages:
                 break
             c = self.crop
             if self.square_prob:
-                h = hashlib.blake2b(f"{self.seed}/{doc.get('__key__')}/{i}/sq{tag}".encode(), digest_size=8).digest()
-                if int.from_bytes(h, "little") / 2**64 < self.square_prob:
+                r = self._draw(doc, i, "sq", tag)
+                if r / 2**64 < self.square_prob:
                     x = vq_pixels(img, c)  # (3, c, c): the whole image, squashed
-                    out.append(x.flip(-1) if self.flip and h[0] & 1 else x)
+                    out.append(x.flip(-1) if self.flip and r & 1 else x)
                     continue
             x = vq_pixels(img, self.square)  # (3, H, W)
             _, H, W = x.shape
@@ -103,8 +108,7 @@ class CropImages:
                 _, H, W = x.shape
             best, best_var = None, -1.0
             for t in range(self.tries):
-                h = hashlib.blake2b(f"{self.seed}/{doc.get('__key__')}/{i}/{t}{tag}".encode(), digest_size=8).digest()
-                r = int.from_bytes(h, "little")
+                r = self._draw(doc, i, str(t), tag)
                 top, left = r % (H - c + 1), (r >> 20) % (W - c + 1)
                 cand = x[:, top:top + c, left:left + c]
                 var = float(cand.var()) if self.tries > 1 else 0.0
