@@ -56,6 +56,33 @@ def test_blocked_attention_matches_sdpa_fp32(case, keep_probs, monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["causal", "docmask", "shared_mask", "pad_keys"])
+def test_blocked_attention_whole_rows_per_step_match_sdpa_fp32(case, monkeypatch):
+    """Short rows: several rows (all heads) share one bmm, dk / dv are written in place; 3 rows in
+    steps of 2 (an uneven last step), per-row and shared masks, key ranges that skip padding."""
+    import mmkit.nn.attention as A
+
+    B, H, T = 3, 4, 100
+    monkeypatch.setattr(A, "_ROW_SCORE_BYTES", 2 * H * T * T * 4)
+    assert A._plan(B, H, T, T) == (T, H, 2)
+    q, k, v, gout = _qkv(B, H, T, T, 16, 16, seed=1)
+    causal, mask = case == "causal", None
+    if case in ("docmask", "pad_keys"):
+        mask = torch.cat([_doc_mask(T), _doc_mask(T)[:1]])  # (3, 1, T, T)
+        if case == "pad_keys":  # no query sees keys 90.. in any row: each step's key range ends at 90
+            mask[..., 90:] = False
+            mask[:, :, 90:, 0] = True
+    elif case == "shared_mask":
+        mask = _doc_mask(T)[:1]  # (1, 1, T, T): broadcast over the rows
+    ref = _fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask, is_causal=causal),
+                   q, k, v, gout)
+    ours = _fwd_bwd(lambda a, b, c: blocked_attention(a, b, c, mask, causal), q, k, v, gout)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    if case == "pad_keys":
+        assert ours[2][..., 90:, :].abs().sum() == 0 and ours[3][..., 90:, :].abs().sum() == 0
+
+
 def test_blocked_attention_layout_memo_follows_the_mask(monkeypatch):
     """The per-mask layout (key ranges, bias) is reused across calls with the same mask, and
     never for another mask or for the same mask changed in place."""

@@ -24,15 +24,27 @@ import torch.nn.functional as F
 _Q_BLOCK = 256  # query rows per step: a step holds (heads, 256, S) scores
 _SCORE_BYTES = 1 << 22  # per-step score budget, counted at 4 bytes a score: cache-resident on CPUs
 _SAVE_P_BYTES = 1 << 27  # keep probabilities for backward up to 128 MiB (dense estimate) per call
+# Short rows (one query block, all heads in a step): this many bytes of scores per step, i.e. 2 rows
+# of 4 heads x 256 x 256 (the Chameleon quickstart's packed rows). Why: one bmm per row left ~40 %
+# of a layer's attention time in per-call overhead; 2 rows a call were fastest at 1 and 2 threads
+# (fwd + bwd of B10 H4 T256 hd32: 5.0-5.5 ms vs 5.5-6.2 for 1 row, 7.3-9.6 for 3-4 rows).
+_ROW_SCORE_BYTES = 1 << 21
 
 
-def _plan(B: int, H: int, T: int, S: int) -> tuple[int, int]:
-    """-> (query block, heads per step) so one step's scores stay within _SCORE_BYTES."""
+def _plan(B: int, H: int, T: int, S: int) -> tuple[int, int, int]:
+    """-> (query block, heads per step, rows per step) so one step's scores stay within _SCORE_BYTES
+    (_ROW_SCORE_BYTES when a step can take whole rows)."""
     qb = min(T, _Q_BLOCK)
     g = max(1, min(H, _SCORE_BYTES // (qb * S * 4)))
     while H % g:
         g -= 1
-    return qb, g
+    rows = max(1, min(B, _ROW_SCORE_BYTES // (H * T * S * 4))) if qb == T and g == H else 1
+    return qb, g, rows
+
+
+def _blk(x: torch.Tensor, bs: slice, hs: slice, a: int, b: int) -> torch.Tensor:
+    """x[bs, hs, a:b] as a (rows * heads, b - a, D) view (a view: several rows only with all heads)."""
+    return x[bs, hs, a:b].view(-1, b - a, x.shape[-1])
 
 
 def _key_range(causal: bool, mask: torch.Tensor | None, s: int, e: int, S: int) -> tuple[int, int]:
@@ -53,17 +65,17 @@ class _BlockedAttention(torch.autograd.Function):
         # mask None or bool (B or 1, 1, T, S), True = attend
         B, H, T, _ = q.shape
         S = k.shape[2]
-        qb, g = _plan(B, H, T, S)
+        qb, g, rows = _plan(B, H, T, S)
         qs = q * scale  # scale q once (T x D) instead of every score (T x S); exact for 1/8, 1/16 ...
         out = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
-        steps, tri, bias = _layout(B, H, T, S, qb, g, causal, mask, q.dtype)
+        steps, tri, bias = _layout(B, H, T, S, qb, g, rows, causal, mask, q.dtype)
         # keep the probabilities for backward when they are small (skips one bmm + softmax per
         # block there); long sequences recompute them (O(T) memory, like flash)
         keep = any(ctx.needs_input_grad[:3]) and B * H * T * S * q.element_size() <= _SAVE_P_BYTES
         saved = []
-        for b, s, e, k0, k1, hs in steps:
-            p = _probs(qs[b, hs, s:e], k[b, hs, k0:k1], causal, bias, b, tri, s, e, k0, k1)
-            torch.bmm(p, v[b, hs, k0:k1], out=out[b, hs, s:e])  # (g, e-s, Dv)
+        for bs, s, e, k0, k1, hs in steps:
+            p = _probs(_blk(qs, bs, hs, s, e), _blk(k, bs, hs, k0, k1), causal, bias, bs, tri, s, e, k0, k1)
+            torch.bmm(p, _blk(v, bs, hs, k0, k1), out=_blk(out, bs, hs, s, e))  # (rows * g, e-s, Dv)
             if keep:
                 saved.append(p)
         ctx.save_for_backward(qs, k, v, mask, *saved)
@@ -76,20 +88,28 @@ class _BlockedAttention(torch.autograd.Function):
         scale, causal = ctx.scale, ctx.causal
         B, H, T, _ = qs.shape
         S = k.shape[2]
-        qb, g = _plan(B, H, T, S)
+        qb, g, rows = _plan(B, H, T, S)
         dout = dout.contiguous()
         dq = torch.empty_like(qs)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # fp32 accumulators over query blocks
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        steps, tri, bias = _layout(B, H, T, S, qb, g, causal, mask, qs.dtype)
-        for i, (b, s, e, k0, k1, hs) in enumerate(steps):
-            qi, kj, vj, doi = qs[b, hs, s:e], k[b, hs, k0:k1], v[b, hs, k0:k1], dout[b, hs, s:e]
-            p = saved[i] if saved else _probs(qi, kj, causal, bias, b, tri, s, e, k0, k1)
-            dv[b, hs, k0:k1] += torch.bmm(p.transpose(1, 2), doi)
-            dp = torch.bmm(doi, vj.transpose(1, 2))  # (g, e-s, k1-k0)
+        # one query block per row: each step owns its keys' dk / dv, written in place (the same bits as
+        # a bf16 bmm added into zeros); several blocks accumulate over the query blocks in fp32
+        once = qb >= T
+        dk = torch.zeros(k.shape, dtype=k.dtype if once else torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=v.dtype if once else torch.float32, device=v.device)
+        steps, tri, bias = _layout(B, H, T, S, qb, g, rows, causal, mask, qs.dtype)
+        for i, (bs, s, e, k0, k1, hs) in enumerate(steps):
+            qi, kj, vj, doi = (_blk(qs, bs, hs, s, e), _blk(k, bs, hs, k0, k1), _blk(v, bs, hs, k0, k1),
+                               _blk(dout, bs, hs, s, e))
+            p = saved[i] if saved else _probs(qi, kj, causal, bias, bs, tri, s, e, k0, k1)
+            dp = torch.bmm(doi, vj.transpose(1, 2))  # (rows * g, e-s, k1-k0)
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - rowsum(p * dp)), fp32 inside
-            torch.bmm(ds, kj, out=dq[b, hs, s:e])
-            dk[b, hs, k0:k1] += torch.bmm(ds.transpose(1, 2), qi)
+            torch.bmm(ds, kj, out=_blk(dq, bs, hs, s, e))
+            if once:
+                torch.bmm(p.transpose(1, 2), doi, out=_blk(dv, bs, hs, k0, k1))
+                torch.bmm(ds.transpose(1, 2), qi, out=_blk(dk, bs, hs, k0, k1))
+            else:
+                _blk(dv, bs, hs, k0, k1).add_(torch.bmm(p.transpose(1, 2), doi))
+                _blk(dk, bs, hs, k0, k1).add_(torch.bmm(ds.transpose(1, 2), qi))
         dq.mul_(scale)  # d/dq of (q * scale)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
@@ -97,7 +117,7 @@ class _BlockedAttention(torch.autograd.Function):
 _last_layout: list = []  # [(mask, mask._version, key), (steps, tri, bias)]: one entry
 
 
-def _layout(B, H, T, S, qb, g, causal, mask, dtype):
+def _layout(B, H, T, S, qb, g, rows, causal, mask, dtype):
     """-> (steps, causal bias, mask bias) for one call, memoised for the last mask.
 
     Why: every layer's forward and backward gets the same mask tensor; finding each block's
@@ -105,25 +125,26 @@ def _layout(B, H, T, S, qb, g, causal, mask, dtype):
     cost ~6 % of a Chameleon quickstart training step when redone 8 times per step. The entry
     holds the mask itself, so identity + in-place version identify it exactly.
     """
-    key = (B, H, T, S, qb, g, causal, dtype, None if mask is None else (mask.shape, mask.device))
+    key = (B, H, T, S, qb, g, rows, causal, dtype, None if mask is None else (mask.shape, mask.device))
     if _last_layout:
         (m, ver, k), val = _last_layout[0]
         if m is mask and k == key and (mask is None or mask._version == ver):
             return val
-    val = (list(_steps(B, H, T, S, qb, g, causal, mask)), *_biases(qb, mask, dtype))
+    val = (list(_steps(B, H, T, S, qb, g, rows, causal, mask)), *_biases(qb, mask, dtype))
     _last_layout[:] = [((mask, None if mask is None else mask._version, key), val)]
     return val
 
 
-def _steps(B, H, T, S, qb, g, causal, mask):
-    """(batch, q start, q end, key start, key end, head slice) for every block."""
-    for b in range(B):
-        mb = None if mask is None else mask[b if mask.shape[0] > 1 else 0][None]
+def _steps(B, H, T, S, qb, g, rows, causal, mask):
+    """(row slice, q start, q end, key start, key end, head slice) for every block."""
+    for b in range(0, B, rows):
+        bs = slice(b, min(B, b + rows))
+        mb = None if mask is None else mask[bs if mask.shape[0] > 1 else slice(0, 1)]
         for s in range(0, T, qb):
             e = min(s + qb, T)
-            k0, k1 = _key_range(causal, mb, s, e, S)
+            k0, k1 = _key_range(causal, mb, s, e, S)  # the union over the step's rows
             for h in range(0, H, g):
-                yield b, s, e, k0, k1, slice(h, h + g)
+                yield bs, s, e, k0, k1, slice(h, h + g)
 
 
 def _biases(qb: int, mask: torch.Tensor | None, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -139,13 +160,14 @@ def _biases(qb: int, mask: torch.Tensor | None, dtype) -> tuple[torch.Tensor, to
     return tri, bias
 
 
-def _probs(qi, kj, causal, bias, b, tri, s, e, k0, k1) -> torch.Tensor:
-    """Softmax probabilities (g, e-s, k1-k0) in the input dtype (fp32 math inside the kernel)."""
+def _probs(qi, kj, causal, bias, bs, tri, s, e, k0, k1) -> torch.Tensor:
+    """Softmax probabilities (rows * g, e-s, k1-k0) in the input dtype (fp32 math inside the kernel)."""
     sc = torch.bmm(qi, kj.transpose(1, 2))  # scores, q already scaled
     if causal and k1 - (e - s) >= k0:  # the diagonal block: mask keys after the query
         sc[:, :, k1 - (e - s) - k0:].add_(tri[: e - s, : e - s])
     if bias is not None:
-        sc.add_(bias[b if bias.shape[0] > 1 else 0, s:e, k0:k1])
+        bb = bias[bs if bias.shape[0] > 1 else slice(0, 1), s:e, k0:k1]  # (rows | 1, e-s, k1-k0)
+        sc.view(bb.shape[0], -1, e - s, k1 - k0).add_(bb[:, None])
     return torch.softmax(sc, -1)
 
 
