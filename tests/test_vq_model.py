@@ -62,6 +62,26 @@ def test_decode_of_codes_matches_forward_quantized_path():
     torch.testing.assert_close(model.decode(codes), recon.clamp(-1, 1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("quantizer,cosine", [("vq", True), ("vq", False), ("fsq", True), ("lfq", True)])
+def test_code_search_equals_the_library_forward(quantizer, cosine):
+    """`Quantizer.codes` (encode's argmax without the library's one-hot) picks the library's codes:
+    a 2048-code codebook moved by EMA, ~4600 latents, also under bf16 autocast."""
+    model = tiny(quantizer, codebook_size=2048 if quantizer == "vq" else 16, embed_dim=8, use_cosine_sim=cosine)
+    x = _images(b=8, h=96, w=96)
+    model.train()
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        z = model.latents(x)
+        ref = model.quantize(z)[1]
+        assert torch.equal(model.quantize.codes(z), ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model.quantize.codes(z), ref)
+    assert torch.equal(model.encode(x), ref)
+    if quantizer == "vq":
+        assert len(ref.unique()) > 100  # many near-equal candidates: a real test of the argmax
+
+
 def test_vq_quantizer_settings_are_explicit():
     vq = tiny().quantize.impl
     assert vq.rotation_trick is False and vq.commitment_weight == 0.25
