@@ -46,7 +46,32 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
     changed = {n for n in before if before[n] != after[n]}
     assert changed == {"report.json"}
+    _side_work_runs_once(out)
     _early_codes_equal_the_stage_codes(out)
+
+
+def _side_work_runs_once(out):
+    """The VQ's evaluation and the held-out codes ran beside the Chameleon's start, once; a run that
+    stopped before them gets them from `_side_work` (the evaluate stage calls it too)."""
+    import shutil
+
+    from mmkit.quickstart import Plan, Quickstart
+
+    vq = json.loads((out / "stages" / "vq.json").read_text())["results"]
+    assert vq["eval_seconds"] > 0 and vq["psnr"] > 0
+    assert (out / "data" / "eval_codes" / "sizes.json").is_file()
+    qs = Quickstart(out, Plan.make(1.0, smoke=True), log=lambda m: None, procs=2)
+    qs._side_work()  # both done: nothing changes
+    assert json.loads((out / "stages" / "vq.json").read_text())["results"] == vq
+    rec = json.loads((out / "stages" / "vq.json").read_text())
+    for k in ("psnr", "ssim", "codebook_usage", "perplexity", "eval_seconds"):
+        del rec["results"][k]
+    (out / "stages" / "vq.json").write_text(json.dumps(rec))
+    shutil.rmtree(out / "data" / "eval_codes")
+    qs._side_work()
+    again = json.loads((out / "stages" / "vq.json").read_text())["results"]
+    assert {k: again[k] for k in ("psnr", "codebook_usage")} == {k: vq[k] for k in ("psnr", "codebook_usage")}
+    assert (out / "data" / "eval_codes" / "sizes.json").is_file()
 
 
 def _codes_of(d):

@@ -5,8 +5,9 @@ finished stages; a stage that fails says which and why):
 
   data        synthesise train/eval shards (interleaved, captions, VQA) + eval JSONs
   text_tok    train the byte-level BPE text tokenizer
-  vq          train the VQ image tokenizer (training engine) and evaluate it
-  codes       store VQ codes into the shards (so training skips the VQ encoder)
+  vq          train the VQ image tokenizer (training engine); evaluated while the Chameleon starts
+  codes       store VQ codes into the training shards (so training skips the VQ encoder); the
+              held-out split's codes are made while the Chameleon starts
   chameleon   pretrain the Chameleon-style model (training engine)
   kimivl      pretrain the Kimi-VL-style model (training engine)
   generate    images from captions (CFG), captions and answers, an interleaved document
@@ -150,6 +151,8 @@ class _Child:
         self._f = open(log, "wb")
         self.start = time.time()
         self._pump = None
+        # this process's stdout now: work done meanwhile may capture sys.stdout (`_cli(capture=True)`)
+        self._stdout = sys.stdout
         if echo:
             self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             self._pump = threading.Thread(target=self._copy, daemon=True)
@@ -158,7 +161,7 @@ class _Child:
             self.proc = subprocess.Popen(self.cmd, stdout=self._f, stderr=subprocess.STDOUT, env=env)
 
     def _copy(self) -> None:
-        out = getattr(sys.stdout, "buffer", None)
+        out = getattr(self._stdout, "buffer", None)
         for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):
             self._f.write(chunk)
             self._f.flush()
@@ -166,7 +169,7 @@ class _Child:
                 out.write(chunk)
                 out.flush()
             else:  # a text-only stdout (pytest's capture)
-                sys.stdout.write(chunk.decode(errors="replace"))
+                self._stdout.write(chunk.decode(errors="replace"))
 
     def _close(self) -> None:
         if self._pump is not None:
@@ -423,10 +426,39 @@ class Quickstart:
                               list(self.plan.vq_overrides))
         finally:
             vq_task.AFTER_REFIT.remove(hook)
+        return res  # evaluated by _vq_eval, beside the Chameleon's start
+
+    def _vq_eval(self) -> None:
+        """Held-out PSNR, SSIM and codebook usage of the final VQ, added to the vq stage's record."""
+        rec = self.done("vq")
+        if rec is None or "psnr" in rec["results"]:
+            return
+        t0 = time.time()
         report = json.loads(_cli(["tokenizer", "eval-vq", "--model", self.final("vq"), "--data", self.data / "eval",
                                   "--json"], capture=True))
-        res.update({k: report[k] for k in ("psnr", "ssim", "codebook_usage", "perplexity")})
-        return res
+        rec["results"].update({k: report[k] for k in ("psnr", "ssim", "codebook_usage", "perplexity")},
+                              eval_seconds=round(time.time() - t0, 2))
+        self._record("vq").write_text(json.dumps(rec, indent=1))
+
+    def _eval_codes(self) -> None:
+        """Codes of the held-out split (for users' evaluations; the quickstart's own encode the images)."""
+        if self.done("codes") is not None and not (self.data / "eval_codes" / "sizes.json").is_file():
+            _cli(self._codes_argv(self.final("vq"), "eval"))
+
+    def _side_work(self, threads: int = 1) -> None:
+        """What the Chameleon's training does not wait for (the VQ's evaluation, the held-out codes), on
+        `threads` threads while its process starts: its first seconds (imports, tokenizer, data stream)
+        are one-threaded, so this costs it ~nothing, where it took ~10 s before its start. Also called
+        by the evaluate stage, for a run that stopped in between (each part runs once)."""
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            self._eval_codes()
+            self._vq_eval()
+        finally:
+            torch.set_num_threads(before)
 
     def _codes_argv(self, model: Path, split: str) -> list:
         # square codes when the Chameleon recipe reads square images (model.image_size: S)
@@ -465,7 +497,8 @@ class Quickstart:
         import torch
 
         child, self._codes_child = self._codes_child, None
-        splits = ("train", "eval")
+        shutil.rmtree(self.data / "eval_codes", ignore_errors=True)  # an older VQ's: _eval_codes makes them again
+        splits = ("train",)
         res: dict = {}
         if child is not None:  # the train split was started by the VQ stage (_start_codes_early)
             try:
@@ -475,7 +508,7 @@ class Quickstart:
                 torch.set_num_threads(self._codes_threads)
                 shutil.rmtree(self.out / "vq" / "refit", ignore_errors=True)
             res["train_split_background_s"] = round(child.ended_at() - child.start, 1)  # inside the VQ stage
-            splits = ("eval",)
+            splits = ()
         for split in splits:
             _cli(self._codes_argv(self.final("vq"), split))
         return res
@@ -493,6 +526,7 @@ class Quickstart:
                                 + list(self.plan.chameleon_overrides))
         child = _Child(argv, self.out / "chameleon.log", torch.get_num_threads(), echo=True)
         try:
+            self._side_work()
             child.wait()
         finally:
             child.kill()  # Ctrl-C or an error here: stop it (a no-op once it has ended)
@@ -511,9 +545,12 @@ class Quickstart:
         return generate_samples(self)
 
     def stage_evaluate(self) -> dict:
+        import torch
+
         from mmkit.eval.runner import evaluate_caption, evaluate_t2i, evaluate_vqa, load_task, majority_baseline
         from mmkit.generation import load_pipeline
 
+        self._side_work(threads=torch.get_num_threads())  # a no-op unless a run stopped before it was done
         eval_dir = self.data / "eval"
         lim = self.plan.eval_limit
         out: dict[str, Any] = {"vqa": {}, "caption": {}, "t2i": {}}
