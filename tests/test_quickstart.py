@@ -51,27 +51,35 @@ def test_quickstart_smoke_end_to_end(tmp_path):
 
 
 def _side_work_runs_once(out):
-    """The VQ's evaluation and the held-out codes ran beside the Chameleon's start, once; a run that
-    stopped before them gets them from `_side_work` (the evaluate stage calls it too)."""
+    """The VQ's held-out evaluation ran once, in a 1-thread child beside generate + evaluate (with 2
+    processes), and the held-out codes were made; a run that stopped before them gets them again,
+    from a child or in-process (`--procs 1`), with the same figures."""
     import shutil
 
-    from mmkit.quickstart import Plan, Quickstart
+    import torch
+
+    from mmkit.quickstart import Plan, Quickstart, default_procs
 
     vq = json.loads((out / "stages" / "vq.json").read_text())["results"]
     assert vq["eval_seconds"] > 0 and vq["psnr"] > 0
     assert (out / "data" / "eval_codes" / "sizes.json").is_file()
-    qs = Quickstart(out, Plan.make(1.0, smoke=True), log=lambda m: None, procs=2)
-    qs._side_work()  # both done: nothing changes
-    assert json.loads((out / "stages" / "vq.json").read_text())["results"] == vq
-    rec = json.loads((out / "stages" / "vq.json").read_text())
-    for k in ("psnr", "ssim", "codebook_usage", "perplexity", "eval_seconds"):
-        del rec["results"][k]
-    (out / "stages" / "vq.json").write_text(json.dumps(rec))
-    shutil.rmtree(out / "data" / "eval_codes")
-    qs._side_work()
-    again = json.loads((out / "stages" / "vq.json").read_text())["results"]
-    assert {k: again[k] for k in ("psnr", "codebook_usage")} == {k: vq[k] for k in ("psnr", "codebook_usage")}
-    assert (out / "data" / "eval_codes" / "sizes.json").is_file()
+    assert (out / "vq_eval.log").is_file() == (default_procs() == 2)
+    threads = torch.get_num_threads()
+    for procs in (1, 2):
+        qs = Quickstart(out, Plan.make(1.0, smoke=True), log=lambda m: None, procs=procs)
+        qs._start_side_lane()  # both done: nothing runs
+        assert qs._vq_eval_child is None
+        rec = json.loads((out / "stages" / "vq.json").read_text())
+        for k in ("psnr", "ssim", "codebook_usage", "perplexity", "eval_seconds"):
+            del rec["results"][k]
+        (out / "stages" / "vq.json").write_text(json.dumps(rec))
+        shutil.rmtree(out / "data" / "eval_codes")
+        qs._start_side_lane()
+        assert (qs._vq_eval_child is not None) == (procs == 2)
+        qs._finish_side_lane()
+        again = json.loads((out / "stages" / "vq.json").read_text())["results"]
+        assert {k: again[k] for k in ("psnr", "codebook_usage")} == {k: vq[k] for k in ("psnr", "codebook_usage")}
+        assert (out / "data" / "eval_codes" / "sizes.json").is_file() and torch.get_num_threads() == threads
 
 
 def _codes_of(d):

@@ -5,9 +5,9 @@ finished stages; a stage that fails says which and why):
 
   data        synthesise train/eval shards (interleaved, captions, VQA) + eval JSONs
   text_tok    train the byte-level BPE text tokenizer
-  vq          train the VQ image tokenizer (training engine); evaluated while the Chameleon starts
+  vq          train the VQ image tokenizer (training engine); evaluated beside generate + evaluate
   codes       store VQ codes into the training shards (so training skips the VQ encoder); the
-              held-out split's codes are made while the Chameleon starts
+              held-out split's codes are made at the generate stage
   chameleon   pretrain the Chameleon-style model (training engine)
   kimivl      pretrain the Kimi-VL-style model (training engine)
   generate    images from captions (CFG), captions and answers, an interleaved document
@@ -263,6 +263,8 @@ class Quickstart:
         self._codes_child: _Child | None = None  # train-split codes, encoded while the VQ decoder fine-tunes
         self._codes_back: _CoresBackOnExit | None = None
         self._codes_threads = 1
+        self._vq_eval_child: _Child | None = None  # the VQ's held-out evaluation, beside generate + evaluate
+        self._vq_eval_threads = 1
 
     # -- paths (docs/design.md "Quickstart directory layout") --
     @property
@@ -316,6 +318,9 @@ class Quickstart:
                 self._codes_back.close()
                 self._codes_child.kill()
                 self._codes_child = None
+            if self._vq_eval_child is not None:
+                self._vq_eval_child.kill()
+                self._vq_eval_child = None
         results = json.loads((self.out / "results.json").read_text()) if (self.out / "results.json").exists() else {}
         results.setdefault("wall_time_s_this_run", round(time.time() - t_all, 1))
         return results
@@ -428,37 +433,56 @@ class Quickstart:
             vq_task.AFTER_REFIT.remove(hook)
         return res  # evaluated by _vq_eval, beside the Chameleon's start
 
-    def _vq_eval(self) -> None:
+    def _vq_eval_pending(self) -> bool:
+        rec = self.done("vq")
+        return rec is not None and "psnr" not in rec["results"]
+
+    def _save_vq_eval(self, report: dict, seconds: float) -> None:
         """Held-out PSNR, SSIM and codebook usage of the final VQ, added to the vq stage's record."""
         rec = self.done("vq")
-        if rec is None or "psnr" in rec["results"]:
-            return
-        t0 = time.time()
-        report = json.loads(_cli(["tokenizer", "eval-vq", "--model", self.final("vq"), "--data", self.data / "eval",
-                                  "--json"], capture=True))
         rec["results"].update({k: report[k] for k in ("psnr", "ssim", "codebook_usage", "perplexity")},
-                              eval_seconds=round(time.time() - t0, 2))
+                              eval_seconds=round(seconds, 2))
         self._record("vq").write_text(json.dumps(rec, indent=1))
 
-    def _eval_codes(self) -> None:
-        """Codes of the held-out split (for users' evaluations; the quickstart's own encode the images)."""
-        if self.done("codes") is not None and not (self.data / "eval_codes" / "sizes.json").is_file():
-            _cli(self._codes_argv(self.final("vq"), "eval"))
+    def _vq_eval_argv(self) -> list:
+        return ["tokenizer", "eval-vq", "--model", self.final("vq"), "--data", self.data / "eval", "--json"]
 
-    def _side_work(self, threads: int = 1) -> None:
-        """What the Chameleon's training does not wait for (the VQ's evaluation, the held-out codes), on
-        `threads` threads while its process starts: its first seconds (imports, tokenizer, data stream)
-        are one-threaded, so this costs it ~nothing, where it took ~10 s before its start. Also called
-        by the evaluate stage, for a run that stopped in between (each part runs once)."""
+    def _start_side_lane(self) -> None:
+        """The VQ's held-out evaluation in a 1-thread child while this process generates and evaluates
+        on one thread (plus the held-out codes, here).
+
+        Why: nothing waits for it before the report, and the generate + evaluate stages leave the
+        second core nearly idle (their decoding loops are per-token work: evaluate took 20.5-21.5 s
+        at 1 thread and 19.5-19.7 s at 2); before the Chameleon, or beside its start, it cost
+        ~10 s of the run. With one process (`--procs 1`) it runs in-process at the report.
+        """
         import torch
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            self._eval_codes()
-            self._vq_eval()
-        finally:
-            torch.set_num_threads(before)
+        if self._vq_eval_child is None and self._vq_eval_pending() and self.procs > 1:
+            self._vq_eval_child = _Child(self._vq_eval_argv(), self.out / "vq_eval.log", 1)
+            self._vq_eval_threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        if self.done("codes") is not None and not (self.data / "eval_codes" / "sizes.json").is_file():
+            # codes of the held-out split, for users' own evaluations (the quickstart's encode the images)
+            _cli(self._codes_argv(self.final("vq"), "eval"))
+
+    def _finish_side_lane(self) -> None:
+        """Join the VQ evaluation child (or evaluate in-process if none ran) and record its figures."""
+        import torch
+
+        child, self._vq_eval_child = self._vq_eval_child, None
+        if child is not None:
+            try:
+                child.wait()
+            except MmkitError as e:
+                raise MmkitError(f"VQ evaluation failed: {e}") from None
+            finally:
+                torch.set_num_threads(self._vq_eval_threads)
+            lines = [ln for ln in child.log.read_text().splitlines() if ln.startswith("{")]
+            self._save_vq_eval(json.loads(lines[-1]), child.ended_at() - child.start)
+        elif self._vq_eval_pending():
+            t0 = time.time()
+            self._save_vq_eval(json.loads(_cli(self._vq_eval_argv(), capture=True)), time.time() - t0)
 
     def _codes_argv(self, model: Path, split: str) -> list:
         # square codes when the Chameleon recipe reads square images (model.image_size: S)
@@ -497,7 +521,7 @@ class Quickstart:
         import torch
 
         child, self._codes_child = self._codes_child, None
-        shutil.rmtree(self.data / "eval_codes", ignore_errors=True)  # an older VQ's: _eval_codes makes them again
+        shutil.rmtree(self.data / "eval_codes", ignore_errors=True)  # an older VQ's: _start_side_lane makes them again
         splits = ("train",)
         res: dict = {}
         if child is not None:  # the train split was started by the VQ stage (_start_codes_early)
@@ -526,7 +550,6 @@ class Quickstart:
                                 + list(self.plan.chameleon_overrides))
         child = _Child(argv, self.out / "chameleon.log", torch.get_num_threads(), echo=True)
         try:
-            self._side_work()
             child.wait()
         finally:
             child.kill()  # Ctrl-C or an error here: stop it (a no-op once it has ended)
@@ -542,15 +565,14 @@ class Quickstart:
     def stage_generate(self) -> dict:
         from mmkit.quickstart.samples import generate_samples
 
+        self._start_side_lane()
         return generate_samples(self)
 
     def stage_evaluate(self) -> dict:
-        import torch
-
         from mmkit.eval.runner import evaluate_caption, evaluate_t2i, evaluate_vqa, load_task, majority_baseline
         from mmkit.generation import load_pipeline
 
-        self._side_work(threads=torch.get_num_threads())  # a no-op unless a run stopped before it was done
+        self._start_side_lane()  # a no-op when the generate stage started it
         eval_dir = self.data / "eval"
         lim = self.plan.eval_limit
         out: dict[str, Any] = {"vqa": {}, "caption": {}, "t2i": {}}
@@ -565,10 +587,13 @@ class Quickstart:
                                                image_temperature=task.image_temperature)
                 out["t2i"][fam].update(cfg_scale=task.cfg_scale, image_temperature=task.image_temperature)
         out["vqa"]["majority_baseline"] = majority_baseline(eval_dir)
+        self._finish_side_lane()
         return out
 
     def stage_report(self) -> dict:
         from mmkit.quickstart.report import write_report
+
+        self._finish_side_lane()  # a run that stopped before its evaluate stage ended
 
         return write_report(self)
 
