@@ -431,7 +431,7 @@ class Quickstart:
                               list(self.plan.vq_overrides))
         finally:
             vq_task.AFTER_REFIT.remove(hook)
-        return res  # evaluated by _vq_eval, beside the Chameleon's start
+        return res  # the held-out evaluation: _start_side_lane / _finish_side_lane
 
     def _vq_eval_pending(self) -> bool:
         rec = self.done("vq")
@@ -522,20 +522,16 @@ class Quickstart:
 
         child, self._codes_child = self._codes_child, None
         shutil.rmtree(self.data / "eval_codes", ignore_errors=True)  # an older VQ's: _start_side_lane makes them again
-        splits = ("train",)
-        res: dict = {}
-        if child is not None:  # the train split was started by the VQ stage (_start_codes_early)
-            try:
-                child.wait()
-            finally:
-                self._codes_back.close()
-                torch.set_num_threads(self._codes_threads)
-                shutil.rmtree(self.out / "vq" / "refit", ignore_errors=True)
-            res["train_split_background_s"] = round(child.ended_at() - child.start, 1)  # inside the VQ stage
-            splits = ()
-        for split in splits:
-            _cli(self._codes_argv(self.final("vq"), split))
-        return res
+        if child is None:
+            _cli(self._codes_argv(self.final("vq"), "train"))
+            return {}
+        try:  # the train split was started by the VQ stage (_start_codes_early)
+            child.wait()
+        finally:
+            self._codes_back.close()
+            torch.set_num_threads(self._codes_threads)
+            shutil.rmtree(self.out / "vq" / "refit", ignore_errors=True)
+        return {"train_split_background_s": round(child.ended_at() - child.start, 1)}  # inside the VQ stage
 
     def stage_chameleon(self) -> dict:
         """Trains in a fresh process with this process's threads: in this process, after the codes stage, the
@@ -594,7 +590,6 @@ class Quickstart:
         from mmkit.quickstart.report import write_report
 
         self._finish_side_lane()  # a run that stopped before its evaluate stage ended
-
         return write_report(self)
 
 
