@@ -170,3 +170,27 @@ def test_main_lane_gets_its_threads_back_when_the_lane_ends():
     finally:
         back.close()
         torch.set_num_threads(before)
+
+
+def test_meteor_jvm_prestarted_at_idle_priority(monkeypatch):
+    """The Chameleon stage starts METEOR's JVM under SCHED_IDLE (every thread), and the evaluate
+    stage's scorer is that same process."""
+    import os
+    import shutil
+
+    from mmkit.eval import caption
+    from mmkit.quickstart import _prestart_meteor
+
+    if shutil.which("java") is None or not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Java and Linux's /proc")
+    monkeypatch.setattr(caption, "_METEOR", None)  # a fresh scorer; the module's own comes back after
+    _prestart_meteor()
+    proc = caption._METEOR.meteor_p
+    try:
+        assert caption.get_meteor().meteor_p is proc
+        assert caption._meteor({"a": ["a red circle"]}, {"a": ["a red circle"]}) > 0.9  # it scores
+        policies = {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{proc.pid}/task")}
+        assert policies == {os.SCHED_IDLE}
+    finally:
+        proc.kill()
+        proc.wait()

@@ -149,6 +149,35 @@ def test_psnr_ssim_known_values():
     assert bool((ssim(x, y) < 1).all()) and bool((ssim(x, torch.rand(2, 3, 16, 16)) < 0.2).all())
 
 
+def test_ssim_equals_the_windowed_definition():
+    """Wang et al. 2004 written out window by window (Gaussian-weighted moments, valid region)
+    on non-square images: the banded-matmul blur keeps orientation, window and borders."""
+    from mmkit.vq.metrics import _gaussian_window
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 13, 17)
+    y = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    k = 11
+    G = torch.outer(_gaussian_window(k), _gaussian_window(k))  # (k, k) fp64
+    xd, yd = x.double(), y.double()
+    ref = torch.zeros(2, dtype=torch.float64)
+    n = 0
+    for i in range(13 - k + 1):
+        for j in range(17 - k + 1):
+            a, b = xd[..., i:i + k, j:j + k], yd[..., i:i + k, j:j + k]  # (B, C, k, k)
+            mx, my = (G * a).sum((-2, -1)), (G * b).sum((-2, -1))
+            vx = (G * a * a).sum((-2, -1)) - mx**2
+            vy = (G * b * b).sum((-2, -1)) - my**2
+            cxy = (G * a * b).sum((-2, -1)) - mx * my
+            s = ((2 * mx * my + 1e-4) * (2 * cxy + 9e-4)) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
+            ref += s.mean(1)
+            n += 1
+    torch.testing.assert_close(ssim(x, y), (ref / n).float(), rtol=0, atol=1e-7)
+    # images smaller than the window: the window shrinks to the largest odd side that fits
+    small = torch.rand(1, 3, 6, 9)
+    torch.testing.assert_close(ssim(small, small), torch.ones(1))
+
+
 def test_quantizer_runs_fp32_under_bf16_autocast():
     """bf16 training: the nearest-code search must pick the codes fp32 encode picks."""
     torch.manual_seed(0)
