@@ -288,6 +288,7 @@ class Quickstart:
         self._codes_threads = 1
         self._vq_eval_child: _Child | None = None  # the VQ's held-out evaluation, beside generate + evaluate
         self._vq_eval_threads = 1
+        self._only: list[str] | None = None  # run(only=...): the stages this invocation may run
 
     # -- paths (docs/design.md "Quickstart directory layout") --
     @property
@@ -311,6 +312,7 @@ class Quickstart:
 
     def run(self, only: list[str] | None = None) -> dict:
         self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self._only = only
         t_all = time.time()
         rerun = False  # once a stage runs again, every later stage must too
         try:
@@ -568,7 +570,8 @@ class Quickstart:
                                 [f"model.text_tokenizer={self.out / 'text_tokenizer'}", f"model.vq={self.final('vq')}"]
                                 + list(self.plan.chameleon_overrides))
         child = _Child(argv, self.out / "chameleon.log", torch.get_num_threads(), echo=True)
-        _prestart_meteor()
+        if not self._only or "evaluate" in self._only:  # every later stage reruns after this one
+            _prestart_meteor()
         try:
             child.wait()
         finally:
