@@ -275,3 +275,28 @@ def test_activation_checkpointing_uses_transformers_hook():
     torch.testing.assert_close(l_ac, l_ref, rtol=0, atol=0)
     for (n, a), b in zip(ref.named_parameters(), ac.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_regional_compile_same_losses_and_keys(tmp_path):
+    """train.compile: regional compiles each block in place: the losses of eager to fp32 rounding
+    (inductor reorders sums), and the final checkpoint keeps the model's own keys."""
+    from mmkit.train.engine import compile_repeated_blocks
+
+    eager = train(recipe(max_steps=5), tmp_path / "eager", progress=False)
+    comp = train(recipe(max_steps=5, compile="regional"), tmp_path / "comp", progress=False)
+    assert comp.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-4)
+    assert len(comp.losses) == 5 and comp.losses[5] < comp.losses[1] - 0.1  # they trained
+    keys = set(ToyLM.from_pretrained(tmp_path / "eager" / "final").state_dict())
+    assert set(ToyLM.from_pretrained(tmp_path / "comp" / "final").state_dict()) == keys
+    model = ToyLM(ToyTask(TINY_MODEL, {"corpus_bytes": 8192}).model_cfg)
+    assert compile_repeated_blocks(model) == TINY_MODEL["n_layers"]
+    assert all(b._compiled_call_impl is not None for b in model.blocks)
+    assert model.state_dict().keys() == ToyLM(model.cfg).state_dict().keys()
+
+
+def test_compile_setting_parses():
+    assert from_dict(TrainConfig, {"compile": True}).compile == "full"
+    assert from_dict(TrainConfig, {"compile": False}).compile == "no"
+    assert from_dict(TrainConfig, {"compile": "regional"}).compile == "regional"
+    with pytest.raises(Exception, match="regional"):
+        from_dict(TrainConfig, {"compile": "blocks"})

@@ -171,6 +171,9 @@ def _probs(qi, kj, causal, bias, bs, tri, s, e, k0, k1) -> torch.Tensor:
     return torch.softmax(sc, -1)
 
 
+# eager under torch.compile: the walk over blocks reads the mask (data-dependent key ranges), and the
+# bmms it launches are what inductor would call anyway; a compiled model's other ops fuse around it
+@torch.compiler.disable
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                       is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """SDPA semantics for q (B, H, T, D), k (B, H, S, D), v (B, H, S, Dv); mask bool (B|1, 1, T, S).

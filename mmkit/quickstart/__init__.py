@@ -83,6 +83,8 @@ class Plan:
         if smoke:
             return cls(n_train=48, n_eval=16, vq_steps=4, chameleon_steps=4, kimivl_steps=4,
                        eval_limit=8, n_t2i_images=2, smoke=True,
+                       # 4 steps do not repay inductor's compile (the engine tests cover train.compile)
+                       chameleon_overrides=CHAMELEON_OVERRIDES + ["train.compile=no"],
                        vq_overrides=VQ_OVERRIDES + ["model.loss.codebook_refit_batches=2",  # wiring, not the recipe's
                                                      "model.loss.decoder_finetune_steps=2"])
         p = cls()

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -84,6 +85,41 @@ def enable_activation_checkpointing(model: nn.Module, task: Any) -> str:
         raise UsageError("train.activation_checkpointing: the model has no nn.ModuleList of blocks to "
                          "checkpoint and the task defines no enable_activation_checkpointing(model)")
     return f"generic ({wrapped} blocks{fallback})"
+
+
+def _have_cxx() -> bool:
+    """Whether inductor finds a C++ compiler (its CPU kernels are C++)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return shutil.which(get_cpp_compiler()) is not None
+    except Exception:  # no compiler found (inductor raises), or an inductor without that helper
+        return False
+
+
+def compile_repeated_blocks(model: nn.Module) -> int:
+    """torch.compile (inductor) each block of the model's repeated-block lists in place -> how many.
+
+    Why regional: a small model on CPU spends most of a step launching elementwise kernels
+    (norms, RoPE, SwiGLU, casts: the quickstart's Chameleon ran ~7400 ops a step), and
+    inductor fuses them; the blocks share one graph (parameters are graph inputs), so the cold
+    compile is one block's (~30 s on 2 cores, then cached on disk), and the loss and the
+    data-dependent blocked attention (`torch.compiler.disable`) stay eager. In place
+    (`Module.compile`), unlike accelerate's `compile_regions`, which copies the model, compiles
+    every other child too and drops optional (None) submodules: state_dict keys do not change.
+    Dynamic shapes: packed batches change their row count from step to step.
+    """
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)
+             and all(type(b) is type(m[0]) for b in m)]
+    inner = {id(b) for m in lists for b in m.modules() if b is not m}  # lists inside a block: the block covers them
+    n = 0
+    for m in lists:
+        if id(m) in inner:
+            continue
+        for block in m:
+            block.compile(dynamic=True)
+            n += 1
+    return n
 
 
 def _fresh_single_process_state() -> None:
@@ -193,7 +229,7 @@ def train(
         mixed_precision=cfg.mixed_precision,
         log_with=list(cfg.trackers) or None,
         project_dir=str(out),
-        dynamo_backend="inductor" if cfg.compile else "no",
+        dynamo_backend="inductor" if cfg.compile == "full" else "no",
     )
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
 
@@ -227,6 +263,14 @@ def train(
         info(f"mmkit train: activation checkpointing: {how}")
     if state:
         model.load_state_dict(state["model"])  # full weights before sharding/wrapping
+    if cfg.compile == "regional":
+        if fsdp:
+            raise UsageError("train.compile: regional is not supported under FSDP here; use full or no")
+        if accelerator.device.type == "cpu" and not _have_cxx():
+            info("mmkit train: compile: regional needs a C++ compiler on CPU (inductor) and none was found: "
+                 "running eager")
+        else:
+            info(f"mmkit train: compile: regional ({compile_repeated_blocks(model)} blocks, inductor)")
     if fsdp and cfg.optimizer == "muon":
         raise UsageError("train.optimizer: muon does not run under FSDP here (its update needs whole "
                          "matrices); use adamw, or DDP")
