@@ -1,6 +1,7 @@
 """`mmkit quickstart --smoke`: every stage runs through the public entry points and every file lands."""
 
 import json
+import os
 
 import pytest
 
@@ -159,7 +160,7 @@ def test_main_lane_gets_its_threads_back_when_the_lane_ends():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
-    back = _CoresBackOnExit(proc, 3)
+    back = _CoresBackOnExit(proc.wait, 3)
     try:
         assert torch.get_num_threads() == 1  # not before the process ends
         deadline = time.time() + 30
@@ -194,3 +195,28 @@ def test_meteor_jvm_prestarted_at_idle_priority(monkeypatch):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_compile_warmup_follows_kimivl_in_its_lane(tmp_path, monkeypatch):
+    """The Kimi-VL lane runs the Chameleon's compile warm-up after its own training, and the main
+    lane gets its threads back only when both have ended; the kimivl record keeps its own end."""
+    import torch
+
+    from mmkit.quickstart import Plan, Quickstart
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--smoke", "--out", str(out), "--stages", "data", "text_tok"]) == 0
+    default = Quickstart(out, Plan.make(1.0, smoke=False), log=lambda m: None, procs=2)._warmup_argv()
+    assert default[0] == "train" and default[-3:] == ["--compile-only", "train.log_every=25", "train.save_every=0"]
+    qs = Quickstart(out, Plan.make(1.0, smoke=True), log=lambda m: None, procs=2)
+    assert qs._warmup_argv() is None  # the smoke plan trains the Chameleon eager
+    monkeypatch.setattr(qs, "_warmup_argv", lambda: ["--version"])
+    threads = torch.get_num_threads()
+    qs._start_kimivl_lane()
+    assert torch.get_num_threads() == max(1, (os.cpu_count() or 2) - max(1, (os.cpu_count() or 2) // 2))
+    qs._join_kimivl_lane()
+    rec = json.loads((out / "stages" / "kimivl.json").read_text())
+    assert rec["ok"] and rec["results"]["compile_warmup_s"] >= 0
+    assert "mmkit" in (out / "compile_warmup.log").read_text()  # it ran: --version's line
+    assert rec["end"] <= (out / "compile_warmup.log").stat().st_mtime + 1e-3
+    assert torch.get_num_threads() == threads and qs._warmup is None

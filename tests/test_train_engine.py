@@ -300,3 +300,22 @@ def test_compile_setting_parses():
     assert from_dict(TrainConfig, {"compile": "regional"}).compile == "regional"
     with pytest.raises(Exception, match="regional"):
         from_dict(TrainConfig, {"compile": "blocks"})
+
+
+def test_compile_only_fills_the_cache_that_training_reads(tmp_path, monkeypatch):
+    """`mmkit train --compile-only` (warm_compile) compiles the blocks on the task's example batch;
+    a later run of the recipe finds every compiled graph in inductor's on-disk cache."""
+    from torch._dynamo.utils import counters
+
+    from mmkit.train.engine import warm_compile
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()  # nothing compiled earlier in this process may serve the example
+    r = recipe(max_steps=2, compile="regional")
+    assert warm_compile(r) == TINY_MODEL["n_layers"]
+    torch._dynamo.reset()
+    counters.clear()
+    train(r, tmp_path / "run", progress=False)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 2 and not counters["inductor"]["fxgraph_cache_miss"]
+    with pytest.raises(MmkitError, match="regional"):
+        warm_compile(recipe(compile="no"))

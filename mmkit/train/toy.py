@@ -206,6 +206,11 @@ class ToyTask:
         corpus = synthetic_corpus(self.data_cfg.corpus_bytes, self.data_cfg.corpus_seed)
         return ToyStream(corpus, T, batch_size, rank, world_size, self.seed)
 
+    def compile_example(self, rows: int = 4) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The model and a batch of the training's shapes, for `mmkit train --compile-only`."""
+        ids = torch.randint(0, self.model_cfg.vocab_size, (rows, self.model_cfg.seq_len))
+        return ToyLM(self.model_cfg), {"input_ids": ids, "labels": ids}
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model(batch["input_ids"])  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())

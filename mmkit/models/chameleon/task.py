@@ -236,6 +236,14 @@ def special_ids(tokenizer) -> dict[str, int | None]:
             "image_token_id": tid("<image>"), "eot_token_id": tid("<eot>"), "eor_token_id": tid("<eor>")}
 
 
+def _arch(section: ChameleonModelSection) -> dict:
+    """The transformer's own sizes and options (everything but the vocabulary layout)."""
+    return {k: getattr(section, k) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "max_position_embeddings", "rope_theta", "rms_norm_eps", "qk_norm", "swin_norm", "dropout",
+        "attention_dropout", "z_loss", "initializer_range", "tie_word_embeddings")}
+
+
 def build_config(section: ChameleonModelSection, tokenizer, vq_config):
     """Unified vocabulary: text ids [0, V_text), codes at V_text, then size tokens (multires)."""
     from mmkit.models.chameleon.config import MmkitChameleonConfig
@@ -273,15 +281,11 @@ def build_config(section: ChameleonModelSection, tokenizer, vq_config):
         vocab += section.max_grid_size + 1
     else:
         ids["eor_token_id"] = None
-    arch = {k: getattr(section, k) for k in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "max_position_embeddings", "rope_theta", "rms_norm_eps", "qk_norm", "swin_norm", "dropout",
-        "attention_dropout", "z_loss", "initializer_range", "tie_word_embeddings")}
     return MmkitChameleonConfig(vocab_size=vocab, image_token_offset=v_text, num_image_tokens=n_codes,
                                 image_grid_h=grid[0], image_grid_w=grid[1], vqa_question_first=section.vqa_question_first,
                                 image_block=section.image_block, image_bidi=section.image_bidi,
                                 image_size=section.image_size, source_size_tokens=section.source_size_tokens,
-                                **arch, **ids, **extra)
+                                **_arch(section), **ids, **extra)
 
 
 class EncodeDoc:
@@ -491,6 +495,22 @@ class ChameleonTask:
                 raise UsageError("model.image_embed_param / image_head_param: pixels need model.vq")
             tie_code_rows_to_pixels(model, self.vq, seed=self.seed, **params)
         return model
+
+    def compile_example(self, rows: int = 9) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """A model of the recipe's architecture with a placeholder vocabulary and a packed batch of
+        the training's shapes (rows of data.seq_len, two documents a row): what `mmkit train
+        --compile-only` compiles. The blocks see what training shows them (the vocabulary stays
+        outside them), so inductor's cache serves the real run."""
+        from mmkit.models.chameleon.config import MmkitChameleonConfig
+        from mmkit.models.chameleon.model import MmkitChameleonForCausalLM, doc_position_ids
+
+        model = MmkitChameleonForCausalLM(MmkitChameleonConfig(vocab_size=64, **_arch(self.section)))
+        T = self.data.seq_len
+        ids = torch.randint(0, 64, (rows, T))
+        doc_ids = (torch.arange(T) >= T // 2).long().expand(rows, T).contiguous()  # (rows, T): two documents
+        batch = {"input_ids": ids, "position_ids": doc_position_ids(doc_ids), "doc_ids": doc_ids, "labels": ids,
+                 "loss_weights": torch.ones(rows, T)}
+        return model, batch
 
     def batches(self, *, rank: int = 0, world_size: int = 1, batch_size: int, num_workers: int = 0):
         from mmkit.data import build_stream
