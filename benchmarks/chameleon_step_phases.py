@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=100, help="measured steps (after 30 warm-up steps)")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the blocks as train.compile: regional does (the warm-up steps include the compile)")
     args = ap.parse_args()
 
     from mmkit.train.optim import build_optimizer
@@ -49,6 +51,10 @@ def main() -> None:
     batches = iter(task.batches(batch_size=args.batch))
     model = task.build_model().train()
     opt = build_optimizer(model, r.train)
+    if args.compile:
+        from mmkit.train.engine import compile_repeated_blocks
+
+        compile_repeated_blocks(model)
     ms: dict[str, list[float]] = collections.defaultdict(list)
     for i in range(30 + args.steps):
         t = [time.perf_counter()]
@@ -68,7 +74,7 @@ def main() -> None:
             for name, a, b in zip(PHASES, t, t[1:]):
                 ms[name].append((b - a) * 1000)
     med = {name: statistics.median(ms[name]) for name in PHASES}
-    print(f"batch {args.batch}, {args.threads} thread(s), median of {args.steps} steps: "
+    print(f"batch {args.batch}, {args.threads} thread(s), {'regional compile' if args.compile else 'eager'}, median of {args.steps} steps: "
           + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f" ms; sum {sum(med.values()):.1f} ms")
 
 

@@ -137,6 +137,10 @@ def compile_repeated_blocks(model: nn.Module) -> int:
     every other child too and drops optional (None) submodules: state_dict keys do not change.
     Dynamic shapes: packed batches change their row count from step to step.
     """
+    import logging
+
+    # inductor imports cpp_extension, which warns on every CPU-only machine that it found no CUDA runtime
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)
              and all(type(b) is type(m[0]) for b in m)]
     inner = {id(b) for m in lists for b in m.modules() if b is not m}  # lists inside a block: the block covers them
