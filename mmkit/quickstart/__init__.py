@@ -413,7 +413,8 @@ class Quickstart:
             finally:
                 self._lane_idle.set()
 
-        self._cores_back = _CoresBackOnExit(lane, self._main_threads)
+        threading.Thread(target=lane, daemon=True).start()  # its own thread: the join waits for it in any case
+        self._cores_back = _CoresBackOnExit(self._lane_idle.wait, self._main_threads)
 
     def _warmup_argv(self) -> list | None:
         """`mmkit train --compile-only` of the Chameleon recipe, when this invocation trains it with

@@ -64,11 +64,13 @@ def warm_compile(recipe: Recipe) -> int:
         raise UsageError(f"--compile-only: task {recipe.task!r} has no compile_example() to build its model from")
     torch.manual_seed(cfg.seed)
     model, batch = task.compile_example()
-    model.train()
-    if not _have_cxx():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the device a run here would train on
+    model.to(dev).train()
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if dev == "cpu" and not _have_cxx():
         raise UsageError("--compile-only: inductor needs a C++ compiler on CPU and none was found")
     n = compile_repeated_blocks(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
         loss, _ = task.loss(model, batch)
     loss.backward()
     return n
