@@ -84,11 +84,11 @@ def run(args) -> int:
     from mmkit.errors import UsageError
 
     _split_remainder(args)
-    if args.compile_only:
-        return _compile_only(args)
-    for flag in ("config", "out"):
+    for flag in ("config",) if args.compile_only else ("config", "out"):
         if not getattr(args, flag):
             raise UsageError(f"mmkit train: --{flag} is required")
+    if args.compile_only:
+        return _compile_only(args)
     for name in ["max_steps", "save_every", "stop_after"]:
         v = getattr(args, name)
         if v is not None and v < (0 if name == "save_every" else 1):
@@ -113,14 +113,9 @@ def run(args) -> int:
 def _compile_only(args) -> int:
     import time
 
-    from mmkit.errors import UsageError
     from mmkit.train.engine import warm_compile
-    from mmkit.train.task import get_task
 
-    if not args.config:
-        raise UsageError("mmkit train: --config is required")
     recipe = load_recipe(args.config, args.overrides, data=args.data)
-    get_task(recipe.task)
     t0 = time.time()
     n = warm_compile(recipe)
     print(f"mmkit train: compiled {n} blocks of {args.config} in {time.time() - t0:.1f} s (inductor's cache)")

@@ -178,13 +178,15 @@ class _Child:
             self._pump.join()
         self._f.close()
 
-    def wait(self) -> None:
-        """Block until it ends; a non-zero status becomes an MmkitError with the log's tail."""
+    def wait(self, check: bool = True) -> int:
+        """Block until it ends -> its status; with `check`, a non-zero status becomes an MmkitError
+        with the log's tail."""
         rc = self.proc.wait()
         self._close()
-        if rc != 0:
+        if check and rc != 0:
             raise MmkitError(f"`mmkit {' '.join(self.cmd[3:])}` exited with status {rc}: {_tail(self.log)} "
                              f"(log: {self.log})")
+        return rc
 
     def ended_at(self) -> float:
         """When it ended, by its log's last write (it may be joined a stage later)."""
@@ -317,6 +319,10 @@ class Quickstart:
                 return rec
         return None
 
+    def _runs(self, name: str) -> bool:
+        """Whether this invocation may run stage `name` (`run(only=...)`)."""
+        return not self._only or name in self._only
+
     def run(self, only: list[str] | None = None) -> dict:
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         self._only = only
@@ -324,14 +330,14 @@ class Quickstart:
         rerun = False  # once a stage runs again, every later stage must too
         try:
             for i, name in enumerate(STAGES, 1):
-                if only and name not in only:
+                if not self._runs(name):
                     continue
                 prev = self.done(name)
                 if prev is not None and name != "report" and not rerun:
                     self.log(f"[quickstart] {i}/{len(STAGES)} {name}: reused ({prev['seconds']:.1f} s earlier)")
                     continue
                 rerun = True
-                if name in ("vq", "codes") and self.procs > 1 and (not only or "kimivl" in only):
+                if name in ("vq", "codes") and self.procs > 1 and self._runs("kimivl"):
                     self._start_kimivl_lane()  # no-op if already running
                 lane = self._background
                 if name in ("chameleon", "kimivl") or (lane is not None and lane.proc.poll() is not None):
@@ -422,7 +428,7 @@ class Quickstart:
         Chameleon's process starts (~6 s to its first step instead of ~32 s on 2 cores)."""
         from mmkit.cli.train import load_recipe
 
-        if self.done("chameleon") or (self._only and "chameleon" not in self._only):
+        if self.done("chameleon") or not self._runs("chameleon"):
             return None
         recipe, extra = self.root / "training/chameleon-shapes.yaml", list(self.plan.chameleon_overrides)
         try:
@@ -454,8 +460,7 @@ class Quickstart:
         self._lane_idle.wait()
         warm, self._warmup = self._warmup, None
         if warm is not None:
-            warm._close()
-            if warm.proc.returncode != 0:  # harmless: the Chameleon's process compiles its blocks itself
+            if warm.wait(check=False) != 0:  # harmless: the Chameleon's process compiles its blocks itself
                 self.log(f"[quickstart] the Chameleon's compile warm-up failed ({_tail(warm.log, 1)}); "
                          "its training compiles itself")
             summary["compile_warmup_s"] = round(warm.ended_at() - warm.start, 1)  # after kimivl, same lane
@@ -627,7 +632,7 @@ class Quickstart:
                                 [f"model.text_tokenizer={self.out / 'text_tokenizer'}", f"model.vq={self.final('vq')}"]
                                 + list(self.plan.chameleon_overrides))
         child = _Child(argv, self.out / "chameleon.log", torch.get_num_threads(), echo=True)
-        if not self._only or "evaluate" in self._only:  # every later stage reruns after this one
+        if self._runs("evaluate"):  # every later stage reruns after this one
             _prestart_meteor()
         try:
             child.wait()
